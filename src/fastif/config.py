@@ -1,0 +1,97 @@
+"""Typed stage configs: every stage has a frozen dataclass; this module turns them into JSON and back.
+
+Unknown keys and wrong types are refused with a :class:`~fastif.errors.ConfigError` that names the key,
+so a typo in a config file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .files import atomic_write_json
+
+C = TypeVar("C")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Return a JSON-ready dict of a config dataclass, tagged with its class name."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected a config dataclass instance, got {type(config).__name__}")
+    data = {"type": type(config).__name__}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[field.name] = value
+    return data
+
+
+def _check_type(cls: type, name: str, annotation: Any, value: Any) -> Any:
+    """Coerce ``value`` to the field's annotated type where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(cls, name, option, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{cls.__name__}.{name}: {value!r} matches none of {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise ConfigError(f"{cls.__name__}.{name} must be one of {typing.get_args(annotation)}, got {value!r}")
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            (item_type, *_rest) = typing.get_args(annotation) or (Any,)
+            return tuple(_check_type(cls, name, item_type, item) for item in value)
+    elif annotation is Any:
+        return value
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        return config_from_dict(annotation, value)
+    elif isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{cls.__name__}.{name}: expected {annotation}, got {type(value).__name__} {value!r}")
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build config ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a table of options, got {type(data).__name__}")
+    data = dict(data)
+    tag = data.pop("type", cls.__name__)
+    if tag != cls.__name__:
+        raise ConfigError(f"config is for {tag}, not {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
+    kwargs = {key: _check_type(cls, key, hints[key], value) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write a config as JSON beside the artifact it produced (atomically)."""
+    return atomic_write_json(path, config_to_dict(config))
