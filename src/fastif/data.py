@@ -90,9 +90,15 @@ def iter_batches(
     data: Dataset, batch_size: int, indices: Sequence[int] | None = None
 ) -> Iterator[tuple[list[int], Batch]]:
     """Yield ``(indices, batch)`` over ``indices`` (default: all examples) in order, ``batch_size`` at a time."""
-    if batch_size <= 0:
-        raise DataError(f"batch_size must be positive, got {batch_size}")
-    order = list(range(len(data))) if indices is None else [int(i) for i in indices]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    order = range(len(data)) if indices is None else indices
+    for chunk in index_chunks(order, batch_size):
         yield chunk, data.batch(chunk)
+
+
+def index_chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Split ``indices`` into consecutive lists of at most ``size``."""
+    if size <= 0:
+        raise DataError(f"batch_size must be positive, got {size}")
+    order = [int(i) for i in indices]
+    for start in range(0, len(order), size):
+        yield order[start : start + size]

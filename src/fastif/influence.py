@@ -1,0 +1,135 @@
+"""The facade: influence of training examples on test examples in a few lines.
+
+    >>> inf = Influence(adapter, train, solver=CG(damping=1e-3))
+    >>> scores = inf.scores(test)            # [n_test, n_train]; positive = helpful
+    >>> top = inf.top_k(test, k=10)          # most helpful and most harmful training points per test point
+
+``scores[i, j] = ∇L(test_i)ᵀ (H + damping·I)⁻¹ ∇L(train_j)``, with H the Hessian of the training objective (mean
+training loss + L2 term). Positive = helpful: upweighting training point j lowers test i's loss, and removing it
+is predicted to raise that loss by ``scores[i, j] / n``. This is the negative of Koh & Liang's ``I_up,loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapters import ModelAdapter
+from .data import Dataset, as_dataset
+from .errors import DataError
+from .grads import dataset_grads, mean_loss_grad
+from .hvp import Hessian, HVPMethod
+from .scores import ScoreConfig, score_matrix
+from .solvers import CG, Solver
+
+
+@dataclass
+class TopK:
+    """The ``k`` most helpful and most harmful training points per test point: indices into the training set."""
+
+    helpful_indices: Tensor  # [n_test, k], highest score first
+    helpful_scores: Tensor
+    harmful_indices: Tensor  # [n_test, k], most negative score first
+    harmful_scores: Tensor
+
+
+class Influence:
+    """Influence of the training set ``train`` on test examples, for the model behind ``adapter``.
+
+    ``solver`` picks how ``H⁻¹`` is applied (default: :class:`~fastif.solvers.CG` without damping); it is fitted
+    once, lazily, on the Hessian over all of ``train``.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        train: Any,
+        solver: Solver | None = None,
+        score: ScoreConfig | None = None,
+        hessian_batch_size: int = 64,
+        hvp_method: HVPMethod = "double-backward",
+    ) -> None:
+        self.adapter = adapter
+        self.train = as_dataset(train)
+        if len(self.train) == 0:
+            raise DataError("the training set is empty; influence needs at least one training example")
+        self.solver = solver or CG()
+        self.score_config = score or ScoreConfig()
+        self.flat = adapter.flat_params()
+        self.hessian = Hessian(adapter, self.train, self.flat, hessian_batch_size, hvp_method)
+        self.last_solve: dict[str, Any] = {}
+        self._fitted = False
+
+    def fit(self) -> Influence:
+        """Fit the solver on the training Hessian (runs once; later calls are free)."""
+        if not self._fitted:
+            self.solver.fit(self.hessian)
+            self._fitted = True
+        return self
+
+    def test_grads(self, test: Any) -> Tensor:
+        """Per-example loss gradients [n_test, P] of the test examples."""
+        test = _non_empty(as_dataset(test), "test")
+        return dataset_grads(
+            self.adapter,
+            self.flat,
+            test,
+            batch_size=self.score_config.batch_size,
+            chunk_size=self.score_config.chunk_size,
+        )
+
+    def s_test(self, test: Any, group: bool = False) -> Tensor:
+        """``(H + damping·I)⁻¹ ∇L`` per test example [n_test, P], or for the group's mean loss [1, P]."""
+        test = _non_empty(as_dataset(test), "test")
+        gradients = (
+            mean_loss_grad(self.adapter, self.flat, test, self.score_config.batch_size)[None]
+            if group
+            else self.test_grads(test)
+        )
+        result = self.fit().solver.solve(gradients)
+        self.last_solve = result.info
+        return result.x
+
+    def scores(self, test: Any, train_indices: Sequence[int] | None = None, group: bool = False) -> Tensor:
+        """Scores [n_test, n] (or [1, n] with ``group``) of training points ``train_indices`` (default: all)."""
+        _check_indices(train_indices, len(self.train))
+        return score_matrix(
+            self.adapter, self.flat, self.s_test(test, group), self.train, train_indices, self.score_config
+        )
+
+    def top_k(self, test: Any, k: int = 10, train_indices: Sequence[int] | None = None, group: bool = False) -> TopK:
+        """The ``k`` most helpful (largest) and most harmful (most negative) training points per test point."""
+        pool = len(self.train) if train_indices is None else len(train_indices)
+        if not 0 < k <= pool:
+            raise DataError(f"k must lie in [1, {pool}] (the number of training points scored), got {k}")
+        scores = self.scores(test, train_indices, group)
+        return top_k_from_scores(scores, k, train_indices)
+
+
+def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | None = None) -> TopK:
+    """Select the top-``k`` helpful and harmful columns of ``scores``, mapped to global training indices."""
+    helpful_scores, helpful = scores.topk(k, dim=1, largest=True)
+    harmful_scores, harmful = scores.topk(k, dim=1, largest=False)
+    if train_indices is not None:
+        mapping = torch.as_tensor(list(train_indices), dtype=torch.long, device=scores.device)
+        helpful, harmful = mapping[helpful], mapping[harmful]
+    return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _non_empty(data: Dataset, role: str) -> Dataset:
+    if len(data) == 0:
+        raise DataError(f"the {role} set is empty; give at least one {role} example")
+    return data
+
+
+def _check_indices(indices: Sequence[int] | None, n: int) -> None:
+    if indices is None:
+        return
+    if len(indices) == 0:
+        raise DataError("train_indices is empty; give at least one training index (or None for all)")
+    if min(indices) < 0 or max(indices) >= n:
+        raise DataError(f"train_indices must lie in [0, {n - 1}] for a training set of {n} examples")

@@ -1,0 +1,85 @@
+"""Score stage: ``scores[i, j] = s_test_iᵀ ∇L(train_j)`` with ``s_test_i = (H + damping·I)⁻¹ ∇L(test_i)``.
+
+Positive = helpful: upweighting training point j lowers test i's loss; removing it is predicted to raise that loss
+by ``score / n``. Two exact paths give the same numbers:
+
+* ``"grad"``: per-example gradients [B, P] of each training batch (vmap of grad), then one matrix product with all
+  s_test vectors: one pass whatever the number of test points.
+* ``"jvp"``: one forward-mode ``jvp`` of the training batch's loss vector along each s_test: no [B, P] matrix,
+  but one pass per test point.
+
+``"auto"`` takes ``"jvp"`` for a single s_test (it never materialises gradients) and ``"grad"`` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .adapters import ModelAdapter
+from .data import Dataset, iter_batches
+from .errors import ConfigError
+from .grads import directional_derivatives, per_example_grads
+
+ScoreMethod = Literal["auto", "grad", "jvp"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How training gradients meet s_test: the path, training batch size, and vmap chunk size."""
+
+    method: ScoreMethod = "auto"
+    batch_size: int = 64
+    chunk_size: int = 32
+
+
+def choose_method(config: ScoreConfig, num_tests: int) -> Literal["grad", "jvp"]:
+    """Resolve ``"auto"``: JVP for one s_test, per-example gradients for several."""
+    if config.method not in ("auto", "grad", "jvp"):
+        raise ConfigError(f"score method must be 'auto', 'grad' or 'jvp', got {config.method!r}")
+    if config.method != "auto":
+        return config.method
+    return "jvp" if num_tests == 1 else "grad"
+
+
+def batch_scores(
+    adapter: ModelAdapter, flat: Tensor, s_test: Tensor, batch, method: Literal["grad", "jvp"], chunk_size: int = 32
+) -> Tensor:
+    """Scores [k, B] of one training batch against the s_test rows [k, P]."""
+    if method == "grad":
+        return s_test @ per_example_grads(adapter, flat, batch, chunk_size).T
+    return torch.stack([directional_derivatives(adapter, flat, batch, tangent) for tangent in s_test])
+
+
+def iter_scores(
+    adapter: ModelAdapter,
+    flat: Tensor,
+    s_test: Tensor,
+    train: Dataset,
+    indices: Sequence[int] | None = None,
+    config: ScoreConfig | None = None,
+) -> Iterator[tuple[list[int], Tensor]]:
+    """Stream ``(train indices, scores [k, b])`` batch by batch, so memory stays bounded in the pool size."""
+    config = config or ScoreConfig()
+    method = choose_method(config, s_test.shape[0])
+    for chunk, batch in iter_batches(train, config.batch_size, indices):
+        yield chunk, batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
+
+
+def score_matrix(
+    adapter: ModelAdapter,
+    flat: Tensor,
+    s_test: Tensor,
+    train: Dataset,
+    indices: Sequence[int] | None = None,
+    config: ScoreConfig | None = None,
+) -> Tensor:
+    """All scores [k, n] of the training examples ``indices`` (default: all) against the s_test rows."""
+    parts = [scores for _, scores in iter_scores(adapter, flat, s_test, train, indices, config)]
+    if not parts:
+        return torch.empty(s_test.shape[0], 0, dtype=s_test.dtype, device=s_test.device)
+    return torch.cat(parts, dim=1)
