@@ -14,7 +14,9 @@ if [ ! -x /usr/bin/chromium ]; then
     if ! apt-cache show chromium >/dev/null 2>&1; then
         $SUDO apt-get update
     fi
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium
+    # A stale package list can name files the mirror no longer has: refresh once and retry.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium \
+        || { $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium; }
 fi
 
 if ! "$PYTHON" -c "import playwright" >/dev/null 2>&1; then
