@@ -111,3 +111,26 @@ def test_influence_over_a_parameter_subset_equals_the_block_computation():
     torch.testing.assert_close(
         Influence(subset, train, Exact(damping=0.5)).scores(test), expected, rtol=1e-8, atol=1e-10
     )
+
+
+def test_top_k_with_all_points_as_candidates_equals_full_scoring():
+    adapter, data = _mlp_problem()
+    train, test = TensorData(data.batch(range(30))), TensorData(data.batch(range(30, 34)))
+    influence = Influence(adapter, train, Exact(damping=0.5))
+    full, pruned = influence.top_k(test, k=5), influence.top_k(test, k=5, candidates=30)
+    torch.testing.assert_close(pruned.helpful_scores, full.helpful_scores)
+    torch.testing.assert_close(pruned.harmful_indices, full.harmful_indices)
+
+
+def test_top_k_with_candidates_scores_only_the_nearest_points():
+    adapter, data = _mlp_problem()
+    train, test = TensorData(data.batch(range(30))), TensorData(data.batch(range(30, 34)))
+    influence = Influence(adapter, train, Exact(damping=0.5))
+    nearest = influence.nearest(test, 8)
+    top = influence.top_k(test, k=3, candidates=8)
+    all_scores = influence.scores(test)
+    for row in range(4):
+        assert set(top.helpful_indices[row].tolist()) <= set(nearest[row].tolist())
+        torch.testing.assert_close(top.helpful_scores[row], all_scores[row, top.helpful_indices[row]])
+    group = influence.top_k(test, k=3, candidates=8, group=True)
+    assert group.helpful_indices.shape == (1, 3)

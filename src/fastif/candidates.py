@@ -291,3 +291,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StoreError(f"{path} does not hold a JSON object; delete it and rebuild")
     return data
+
+
+def compute_features(adapter: Any, data: Any, batch_size: int = 64) -> torch.Tensor:
+    """Feature vectors [N, d] of every example of ``data`` from ``adapter.features`` (eval mode, no gradients)."""
+    from .data import iter_batches
+
+    rows = [adapter.features(adapter.to_device(batch)).detach().cpu() for _, batch in iter_batches(data, batch_size)]
+    return torch.cat(rows).float()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .adapters import ModelAdapter
+from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
 from .grads import dataset_grads, mean_loss_grad
@@ -41,7 +42,8 @@ class Influence:
     """Influence of the training set ``train`` on test examples, for the model behind ``adapter``.
 
     ``solver`` picks how ``H⁻¹`` is applied (default: :class:`~fastif.solvers.CG` without damping); it is fitted
-    once, lazily, on the Hessian over all of ``train``.
+    once, lazily, on the Hessian over all of ``train``. ``candidates`` configures the FAISS index over the
+    adapter's features that ``top_k(..., candidates=K)`` uses to score only the K nearest training points.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Influence:
         score: ScoreConfig | None = None,
         hessian_batch_size: int = 64,
         hvp_method: HVPMethod = "double-backward",
+        candidates: CandidateConfig | None = None,
     ) -> None:
         self.adapter = adapter
         self.train = as_dataset(train)
@@ -61,6 +64,8 @@ class Influence:
         self.score_config = score or ScoreConfig()
         self.flat = adapter.flat_params()
         self.hessian = Hessian(adapter, self.train, self.flat, hessian_batch_size, hvp_method)
+        self.candidate_config = candidates or CandidateConfig()
+        self.index: CandidateIndex | None = None
         self.last_solve: dict[str, Any] = {}
         self._fitted = False
 
@@ -101,13 +106,55 @@ class Influence:
             self.adapter, self.flat, self.s_test(test, group), self.train, train_indices, self.score_config
         )
 
-    def top_k(self, test: Any, k: int = 10, train_indices: Sequence[int] | None = None, group: bool = False) -> TopK:
-        """The ``k`` most helpful (largest) and most harmful (most negative) training points per test point."""
-        pool = len(self.train) if train_indices is None else len(train_indices)
-        if not 0 < k <= pool:
-            raise DataError(f"k must lie in [1, {pool}] (the number of training points scored), got {k}")
-        scores = self.scores(test, train_indices, group)
-        return top_k_from_scores(scores, k, train_indices)
+    def build_index(self, index: CandidateIndex | None = None) -> CandidateIndex:
+        """The kNN index over the training features (built once; pass a saved ``index`` to reuse one)."""
+        if index is not None:
+            self.index = index
+        if self.index is None:
+            features = compute_features(self.adapter, self.train, self.score_config.batch_size)
+            self.index = CandidateIndex.build(features, self.candidate_config)
+        return self.index
+
+    def nearest(self, test: Any, k: int, group: bool = False) -> Tensor:
+        """Indices [n_test, k] of each test point's k nearest training points (or [1, k] for the group's mean)."""
+        test = _non_empty(as_dataset(test), "test")
+        features = compute_features(self.adapter, test, self.score_config.batch_size)
+        index = self.build_index()
+        if group:
+            return torch.as_tensor(index.search_mean(features, k))[None]
+        return torch.as_tensor(index.search(features, k)[1])
+
+    def top_k(
+        self,
+        test: Any,
+        k: int = 10,
+        train_indices: Sequence[int] | None = None,
+        group: bool = False,
+        candidates: int | None = None,
+    ) -> TopK:
+        """The ``k`` most helpful (largest) and most harmful (most negative) training points per test point.
+
+        With ``candidates=K`` only each test point's K nearest training points (FAISS over the adapter's features)
+        are scored: FastIF's kNN speed-up. Without it, all of ``train_indices`` (default: every point) are scored.
+        """
+        if candidates is None:
+            _check_k(k, len(self.train) if train_indices is None else len(train_indices))
+            return top_k_from_scores(self.scores(test, train_indices, group), k, train_indices)
+        if train_indices is not None:
+            raise DataError("give either train_indices or candidates, not both")
+        _check_k(candidates, len(self.train), "candidates")
+        _check_k(k, candidates)
+        neighbours = self.nearest(test, candidates, group)
+        s_test = self.s_test(test, group)
+        rows = [
+            top_k_from_scores(
+                score_matrix(self.adapter, self.flat, s_test[i : i + 1], self.train, row.tolist(), self.score_config),
+                k,
+                row.tolist(),
+            )
+            for i, row in enumerate(neighbours)
+        ]
+        return TopK(*(torch.cat([getattr(row, name) for row in rows]) for name in TopK.__dataclass_fields__))
 
 
 def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | None = None) -> TopK:
@@ -118,6 +165,11 @@ def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | Non
         mapping = torch.as_tensor(list(train_indices), dtype=torch.long, device=scores.device)
         helpful, harmful = mapping[helpful], mapping[harmful]
     return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _check_k(k: int, pool: int, name: str = "k") -> None:
+    if not 0 < k <= pool:
+        raise DataError(f"{name} must lie in [1, {pool}] (the number of training points available), got {k}")
 
 
 def _non_empty(data: Dataset, role: str) -> Dataset:
