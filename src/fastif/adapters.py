@@ -148,7 +148,15 @@ class ModelAdapter(ABC):
 
     def per_example_loss(self, flat: Tensor, batch: Batch) -> Tensor:
         """Loss of every example in ``batch`` at parameters ``flat``: a tensor of shape [B]."""
-        losses = self._loss(self.space.unflatten(flat), batch)
+        try:
+            losses = self._loss(self.space.unflatten(flat), batch)
+        except (RuntimeError, IndexError, TypeError) as error:
+            if "vmap" in str(error) or "functorch" in str(error):
+                raise
+            raise DataError(
+                f"the model failed on this batch ({str(error).splitlines()[0]}); check that the batch's shapes, "
+                "dtypes and label range match what the model expects"
+            ) from error
         size = batch_len(batch)
         if losses.dim() != 1 or losses.shape[0] != size:
             raise ModelError(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .adapters import ModelAdapter
 from .data import Dataset, iter_batches
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .grads import directional_derivatives, per_example_grads
 
 ScoreMethod = Literal["auto", "grad", "jvp"]
@@ -67,7 +67,13 @@ def iter_scores(
     config = config or ScoreConfig()
     method = choose_method(config, s_test.shape[0])
     for chunk, batch in iter_batches(train, config.batch_size, indices):
-        yield chunk, batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
+        scores = batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
+        bad = [chunk[j] for j in (~torch.isfinite(scores)).any(dim=0).nonzero().flatten().tolist()]
+        if bad:
+            raise DataError(
+                f"non-finite loss gradient for training example(s) {bad[:10]}; check those inputs and labels"
+            )
+        yield chunk, scores
 
 
 def score_matrix(

@@ -1,0 +1,103 @@
+"""Bad inputs get clear errors (docs/reliability.md lists each case and the test that covers it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert, token_batch
+from torch import nn
+
+import fastif
+from fastif.errors import DataError, SolverError
+
+
+def _linear(features: int = 3, classes: int = 2) -> fastif.TorchAdapter:
+    torch.manual_seed(0)
+    return fastif.TorchAdapter(nn.Linear(features, classes), nn.CrossEntropyLoss(reduction="none"))
+
+
+def _data(n: int = 6, features: int = 3, classes: int = 2):
+    return torch.randn(n, features), torch.randint(0, classes, (n,))
+
+
+def test_inputs_whose_shape_does_not_fit_the_model():
+    with pytest.raises(DataError, match="model failed on this batch"):
+        fastif.Influence(_linear(), _data(features=5), fastif.Exact(damping=1.0)).fit()
+
+
+def test_labels_out_of_range_for_a_torch_model():
+    x, _ = _data()
+    with pytest.raises(DataError, match="label range"):
+        fastif.Influence(_linear(), (x, torch.full((6,), 7)), fastif.Exact(damping=1.0)).fit()
+
+
+def test_labels_out_of_range_for_a_huggingface_model():
+    adapter = fastif.HFClassifierAdapter(tiny_bert(num_labels=3))
+    batch = token_batch(4)
+    batch["labels"][0] = 3
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 2\]"):
+        fastif.Influence(adapter, fastif.TensorData(batch), fastif.Identity()).scores(fastif.TensorData(batch))
+
+
+def test_float_inputs_of_another_dtype_are_cast_to_the_model_dtype():
+    x, y = _data()
+    influence = fastif.Influence(_linear(), (x.double(), y), fastif.Exact(damping=1.0))
+    assert influence.scores((x[:2].double(), y[:2])).dtype == torch.float32
+
+
+def test_a_loss_that_turns_nan_is_reported_with_its_rows():
+    x, y = _data()
+    train = (x, y)
+    test_x = x[:3].clone()
+    test_x[1] = 1e30  # finite input, but exp overflows to NaN in this loss
+    adapter = fastif.TorchAdapter(nn.Linear(3, 2), lambda out, t: torch.exp(out).sum(1) * torch.exp(-out).sum(1))
+    with pytest.raises(DataError, match=r"non-finite test-loss gradient for test row\(s\) \[1\]"):
+        fastif.Influence(adapter, train, fastif.Identity()).s_test((test_x, y[:3]))
+
+
+def test_a_training_point_with_non_finite_gradient_is_named():
+    x, y = _data()
+    x[4] = 1e30
+    adapter = fastif.TorchAdapter(nn.Linear(3, 2), lambda out, t: torch.exp(out).sum(1) * torch.exp(-out).sum(1))
+    influence = fastif.Influence(adapter, (x, y), fastif.Identity())
+    with pytest.raises(DataError, match=r"training example\(s\) \[4\]"):
+        influence.scores((x[:2], y[:2]))
+
+
+def test_negative_damping_is_refused():
+    with pytest.raises(SolverError, match="damping must be >= 0"):
+        fastif.Influence(_linear(), _data(), fastif.CG(damping=-1.0)).fit()
+
+
+def test_cg_on_an_indefinite_hessian_names_the_fix():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    adapter = fastif.TorchAdapter(model, nn.CrossEntropyLoss(reduction="none"))
+    data = _data(n=20)
+    with pytest.raises(SolverError, match="increase damping"):
+        fastif.Influence(adapter, data, fastif.CG()).s_test(data)
+
+
+def test_cg_that_runs_out_of_iterations_warns_and_reports_non_convergence():
+    data = _data(n=20)
+    influence = fastif.Influence(_linear(), data, fastif.CG(damping=1e-3, max_iterations=1, tolerance=1e-14))
+    with pytest.warns(RuntimeWarning, match="raise max_iterations"):
+        influence.s_test(data)
+    assert influence.last_solve["converged"] is False
+
+
+def test_lissa_reports_nan_as_divergence():
+    data = _data(n=20)
+    influence = fastif.Influence(_linear(), data, fastif.LiSSA(scale=1e-30, depth=50))
+    with pytest.raises(SolverError, match="diverged"):
+        influence.s_test(data)
+
+
+def test_a_batch_that_is_not_a_pair_is_refused():
+    with pytest.raises(DataError, match=r"\(inputs, targets\) pairs"):
+        fastif.Influence(_linear(), {"x": torch.randn(4, 3)}, fastif.Identity()).scores({"x": torch.randn(2, 3)})
+
+
+def test_tensors_with_different_example_counts_are_refused():
+    with pytest.raises(DataError, match="leading"):
+        fastif.TensorData((torch.randn(4, 3), torch.randint(0, 2, (5,))))
