@@ -70,7 +70,7 @@ def full_scores(setup: Any, tests: list[int], args: argparse.Namespace) -> tuple
     result, seconds = timed(lambda: solver.fit(hessian).solve(vectors))
     info.update(
         s_test_seconds=seconds,
-        **{k: v for k, v in result.info.items() if k in ("converged", "iterations", "tail_relative_change")},
+        **{k: v for k, v in result.info.items() if k in ("converged", "iterations", "late_growth")},
     )
     scores, score_seconds = timed(
         lambda: score_matrix(setup.adapter, flat, result.x, setup.train, None, ScoreConfig(method="grad"))

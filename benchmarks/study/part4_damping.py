@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
             "seconds": seconds,
             "scale": result.info["scale"],
             "converged": result.info["converged"],
-            "tail_relative_change": result.info["tail_relative_change"],
+            "late_growth": result.info["late_growth"],
         }
         print(f"lissa λ={damping:g}: {seconds:.1f}s", flush=True)
     print("lissa done", flush=True)
