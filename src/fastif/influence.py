@@ -95,8 +95,10 @@ class Influence:
             if group
             else self.test_grads(test)
         )
+        _check_finite(gradients, "test-loss gradient")
         result = self.fit().solver.solve(gradients)
         self.last_solve = result.info
+        _check_finite(result.x, "s_test")
         return result.x
 
     def scores(self, test: Any, train_indices: Sequence[int] | None = None, group: bool = False) -> Tensor:
@@ -123,6 +125,28 @@ class Influence:
         if group:
             return torch.as_tensor(index.search_mean(features, k))[None]
         return torch.as_tensor(index.search(features, k)[1])
+
+    def self_influence(self, indices: Sequence[int] | None = None, chunk: int | None = None) -> Tensor:
+        """``∇L(z)ᵀ (H + damping·I)⁻¹ ∇L(z)`` per training point [n] (default: all): large = suspicious label.
+
+        Solves ``chunk`` gradients at a time (default: the score batch size), so memory stays [chunk, P].
+        """
+        _check_indices(indices, len(self.train))
+        order = list(range(len(self.train))) if indices is None else [int(i) for i in indices]
+        step = self.score_config.batch_size if chunk is None else chunk
+        if step < 1:
+            raise DataError(f"chunk must be a positive number of training points, got {step}")
+        self.fit()
+        return torch.cat([self._self_influence_chunk(order[i : i + step]) for i in range(0, len(order), step)])
+
+    def _self_influence_chunk(self, indices: list[int]) -> Tensor:
+        """Self-influence of one chunk of training points: their gradients, one batched solve, row-wise dots."""
+        gradients = dataset_grads(
+            self.adapter, self.flat, self.train, indices, len(indices), self.score_config.chunk_size
+        )
+        result = self.solver.solve(gradients)
+        self.last_solve = result.info
+        return (gradients * result.x).sum(dim=1)
 
     def top_k(
         self,
@@ -165,6 +189,16 @@ def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | Non
         mapping = torch.as_tensor(list(train_indices), dtype=torch.long, device=scores.device)
         helpful, harmful = mapping[helpful], mapping[harmful]
     return TopK(helpful, helpful_scores, harmful, harmful_scores)
+
+
+def _check_finite(values: Tensor, what: str) -> None:
+    """Refuse NaN/Inf in gradients or solver output, naming the rows, instead of returning meaningless scores."""
+    bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(
+            f"non-finite {what} for test row(s) {bad[:10]}: the loss or its gradient is NaN/Inf there; check those "
+            "inputs and labels, or the model's numerical stability (e.g. log of zero)"
+        )
 
 
 def _check_k(k: int, pool: int, name: str = "k") -> None:

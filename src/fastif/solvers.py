@@ -299,15 +299,20 @@ class LiSSA(Solver):
         estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
         traces = torch.stack([trace for _, trace in chains])
         info = self.diagnostics(traces)
+        self.warn_if_unsettled(info, stacklevel=3)
+        return SolveResult(estimate, info)
+
+    @staticmethod
+    def warn_if_unsettled(info: dict[str, Any], stacklevel: int = 2) -> None:
+        """Warn (RuntimeWarning) when :meth:`diagnostics` says the chains have not settled; shared with the runner."""
         if not info["converged"]:
             warnings.warn(
                 f"LiSSA has not settled: ‖h‖ still grew by {max(info['late_growth']):.0%} between the third and last "
                 "quarter of the chain. Raise depth; if the model is non-convex, raise damping above minus the most "
                 "negative Hessian eigenvalue (a slowly diverging chain looks like this too)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
-        return SolveResult(estimate, info)
 
     def diagnostics(self, traces: Tensor) -> dict[str, Any]:
         """Convergence summary of the chains' norm traces [repeats, depth].

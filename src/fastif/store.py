@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -158,6 +159,19 @@ def _looks_pickled(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
+_HELD_LOCKS: weakref.WeakSet[IO[str]] = weakref.WeakSet()  # the lock handles of this process's open stores
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child, close its copies of the parent's lock handles: else the lock outlives the parent's close."""
+    for handle in list(_HELD_LOCKS):
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def _take_lock(folder: Path) -> IO[str]:
     """Hold an exclusive non-blocking flock on ``folder/.lock``; StoreError if another process holds it."""
     handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the store's lifetime
@@ -175,6 +189,7 @@ def _take_lock(folder: Path) -> IO[str]:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
+    _HELD_LOCKS.add(handle)
     return handle
 
 

@@ -1,0 +1,317 @@
+"""FastIF's fine-tuning loop (error correction, MNLI -> HANS; fine-tuning on unseen data, HANS and ANLI).
+
+For each group (HANS heuristic / ANLI round), mode and seed, starting from the original model, repeat ``steps``
+times: draw anchors of the group; take the ``candidates`` pool points nearest to the anchors' mean feature
+(FAISS); score them by influence on the anchors' mean loss; take one SGD step on the top helpful / harmful points
+(or random candidates, or the anchors themselves); evaluate on every group's held-out test sample.
+
+Design choices (see docs/experiments.md): the kNN index and the anchor queries use the *original* model's
+features (one index per run, as FastIF built one per model); s_test is recomputed at the current parameters every
+step; the inputs of the trainable top layers are cached once (:mod:`fastif.experiments.head`), which is exact
+because everything below them is frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+
+from ..adapters import TorchAdapter
+from ..candidates import CandidateConfig, CandidateIndex, compute_features
+from ..config import config_to_dict
+from ..errors import DataError
+from ..hvp import Hessian
+from ..influence import Influence, top_k_from_scores
+from ..nli_data import NLIRecord, TextPairData, nli_label_scheme
+from ..nli_model import NLITrainConfig, train_nli_classifier
+from ..scores import ScoreConfig, score_matrix
+from ..solvers import LiSSA, LiSSAConfig
+from .config import ExperimentConfig
+from .head import HiddenStateData, TopLayers, cached_encode, model_fingerprint, top_layers_adapter
+from .splits import TaskSplit, embedded_records, hans_pool, task_split
+
+ModelFactory = Callable[[int], tuple[nn.Module, Any, dict[str, Any]]]
+"""``factory(num_labels) -> (model, tokenizer, info)``: the classifier to correct, its tokenizer, and metadata."""
+
+Progress = Callable[[str], None]
+
+
+def trained_nli_model(num_labels: int) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The embedded MNLI classifier (2-class for HANS, 3-class for ANLI), trained once and cached."""
+    trained = train_nli_classifier(NLITrainConfig(num_labels=num_labels), progress=False)
+    info = {"path": str(trained.path), "train_config": config_to_dict(trained.config), "metrics": trained.metrics}
+    return trained.model, trained.tokenizer, info
+
+
+@dataclass
+class Setup:
+    """Everything the runs share, built once: the model's top, cached data, the kNN index, the fixed LiSSA scale."""
+
+    config: ExperimentConfig
+    top: TopLayers
+    adapter: TorchAdapter
+    original: Tensor
+    hessian_data: HiddenStateData
+    pool: HiddenStateData
+    pool_records: list[NLIRecord]
+    anchors: dict[str, HiddenStateData]
+    anchor_records: dict[str, list[NLIRecord]]
+    anchor_features: dict[str, Tensor]
+    test: dict[str, HiddenStateData]
+    index: CandidateIndex
+    lissa: LiSSAConfig
+    info: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _pool_records(config: ExperimentConfig, split: TaskSplit) -> list[NLIRecord]:
+    """The candidate pool: MNLI train (correct), HANS train (augment, HANS) or the ANLI pool part (augment, ANLI)."""
+    if config.experiment == "correct":
+        records = list(embedded_records("mnli_train", config.num_labels))
+        return records[: config.pool_size] if config.pool_size else records
+    if config.task == "hans":
+        return hans_pool(config.pool_size, config.split.seed)
+    return split.pool[: config.pool_size] if config.pool_size else split.pool
+
+
+def _encoder(model: nn.Module, tokenizer: Any, config: ExperimentConfig, top: TopLayers, cache_dir: Any):
+    """A function that tokenises records and caches the inputs of the trainable top (on disk if ``cache_dir``)."""
+    names, _ = nli_label_scheme(config.num_labels)
+    key = model_fingerprint(model) if cache_dir is not None else ""
+
+    def encode(records: Sequence[NLIRecord]) -> HiddenStateData:
+        data = TextPairData(list(records), tokenizer, config.max_length, names)
+        return cached_encode(model, data, top.first, top.cls_only, cache_dir, key)
+
+    return encode
+
+
+def _fixed_scale(adapter: TorchAdapter, hessian_data: HiddenStateData, lissa: LiSSAConfig) -> LiSSAConfig:
+    """Pick LiSSA's contraction-safe scale once, on the original model, and fix it for every later step."""
+    if lissa.scale is not None:
+        return lissa
+    solver = LiSSA(lissa).fit(Hessian(adapter, hessian_data, adapter.flat_params()))
+    return replace(lissa, scale=float(solver.scale))
+
+
+def prepare(config: ExperimentConfig, factory: ModelFactory, progress: Progress, cache_dir: Any = None) -> Setup:
+    """Load the model and data, split them, cache the top's inputs, build the kNN index, fix LiSSA's scale."""
+    start = time.perf_counter()
+    model, tokenizer, model_info = factory(config.num_labels)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    top = TopLayers(model, config.trainable_layers)
+    adapter = top_layers_adapter(top, config.l2)
+    encode = _encoder(model, tokenizer, config, top, cache_dir)
+    split = task_split(config.task, config.split, config.groups)
+    mnli = embedded_records("mnli_train", config.num_labels)
+    pool_records = _pool_records(config, split)
+    progress(f"encoding (pool {len(pool_records)}, Hessian {config.hessian_size}, test {split.sizes()['test']})")
+    if config.experiment == "correct":  # the pool is the model's training data: encode it once
+        mnli_data = encode(mnli[: max(config.hessian_size, len(pool_records))])
+        hessian_data, pool = mnli_data.subset(range(config.hessian_size)), mnli_data.subset(range(len(pool_records)))
+    else:
+        hessian_data, pool = encode(mnli[: config.hessian_size]), encode(pool_records)
+    anchors = {group: encode(split.anchors[group]) for group in config.groups}
+    test = {group: encode(split.test[group]) for group in config.groups}
+    progress("building the kNN index over the pool's features; fixing LiSSA's scale")
+    index = CandidateIndex.build(compute_features(adapter, pool), CandidateConfig())
+    anchor_features = {group: compute_features(adapter, data) for group, data in anchors.items()}
+    lissa = _fixed_scale(adapter, hessian_data, config.lissa)
+    info = {
+        "model": model_info,
+        "split_sizes": {**split.sizes(), "pool": {"all": len(pool_records)}},
+        "trainable_modules": list(top.module_names),
+        "influence_parameters": adapter.num_params,
+        "setup_seconds": time.perf_counter() - start,
+        "lissa_scale": lissa.scale,
+    }
+    return Setup(
+        config, top, adapter, adapter.flat_params(), hessian_data, pool, pool_records, anchors,
+        {g: split.anchors[g] for g in config.groups}, anchor_features, test, index, lissa, info,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def anchor_schedule(size: int, anchors: int, steps: int, seed: int, group_index: int) -> list[list[int]]:
+    """Anchor indices for every step: slices of seeded permutations (the same for every mode), no repeat in a step."""
+    if anchors > size:
+        raise DataError(f"cannot draw {anchors} anchors per step from an anchor sample of {size}; enlarge it")
+    rng = np.random.default_rng([seed, group_index])
+    schedule: list[list[int]] = []
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < anchors:
+            order = rng.permutation(size).tolist()
+        schedule.append(order[:anchors])
+        order = order[anchors:]
+    return schedule
+
+
+def evaluate(adapter: TorchAdapter, data: HiddenStateData, batch_size: int = 128) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the current model on cached data."""
+    order = sorted(range(len(data)), key=lambda i: data.states[i].shape[0])
+    logits = torch.empty(len(data), adapter.model.classifier.out_features)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            inputs, _ = data.batch(chunk)
+            logits[chunk] = adapter.model(*inputs)
+    return {
+        "accuracy": float((logits.argmax(-1) == data.labels).float().mean()),
+        "loss": float(nn.functional.cross_entropy(logits, data.labels)),
+    }
+
+
+def mean_loss(adapter: TorchAdapter, data: HiddenStateData, flat: Tensor | None = None) -> float:
+    """Mean cross-entropy of ``data`` (a handful of points) at ``flat`` (default: the current parameters)."""
+    flat = adapter.flat_params() if flat is None else flat
+    with torch.no_grad():
+        return float(adapter.per_example_loss(flat, data.batch(range(len(data)))).mean())
+
+
+def sgd_step(adapter: TorchAdapter, data: HiddenStateData, lr: float) -> None:
+    """One plain SGD step (no momentum, no L2) on the mean cross-entropy of ``data``, written into the model."""
+    flat = adapter.flat_params()
+    batch = data.batch(range(len(data)))
+    gradient = grad(lambda theta: adapter.per_example_loss(theta, batch).mean())(flat)
+    adapter.load_flat_params(flat - lr * gradient)
+
+
+def influence_top(setup: Setup, anchors: HiddenStateData, neighbours: np.ndarray, lissa_seed: int):
+    """FastIF's steps 2-3 at the current parameters: s_test of the anchors' mean loss, scores of the neighbours."""
+    config = setup.config
+    influence = Influence(setup.adapter, setup.hessian_data, solver=LiSSA(replace(setup.lissa, seed=lissa_seed)))
+    s_test = influence.s_test(anchors, group=True)
+    ordered = sorted(neighbours.tolist(), key=lambda i: setup.pool.states[i].shape[0])  # less padding
+    scores = score_matrix(setup.adapter, influence.flat, s_test, setup.pool, ordered, ScoreConfig())
+    return top_k_from_scores(scores, config.selected, ordered), influence.last_solve
+
+
+def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.ndarray, seeds: tuple[int, int]):
+    """The points of one SGD step, their pool indices (None for the anchors) and their scores (if any)."""
+    config = setup.config
+    if mode == "anchors":
+        return anchors, None, None, {}
+    if mode == "random":
+        rng = np.random.default_rng(seeds)
+        chosen = rng.choice(neighbours, size=config.selected, replace=False).tolist()
+        return setup.pool.subset(chosen), chosen, None, {}
+    top, solve = influence_top(setup, anchors, neighbours, seeds[0] * 1_000 + seeds[1])
+    indices, scores = (top.helpful_indices, top.helpful_scores) if mode == "helpful" else (
+        top.harmful_indices, top.harmful_scores
+    )  # fmt: skip
+    chosen = indices[0].tolist()
+    return setup.pool.subset(chosen), chosen, scores[0].tolist(), _solve_summary(solve)
+
+
+def _solve_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-friendly scalars of a solver's diagnostics (traces dropped)."""
+    return {key: value for key, value in info.items() if isinstance(value, int | float | bool | str)}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def evaluate_all(setup: Setup) -> dict[str, dict[str, float]]:
+    """Accuracy and loss on every group's test sample at the current parameters."""
+    return {group: evaluate(setup.adapter, data) for group, data in setup.test.items()}
+
+
+def run_one(setup: Setup, group: str, mode: str, seed: int) -> dict[str, Any]:
+    """One (group, mode, seed) run from the original parameters; the model is restored afterwards."""
+    config = setup.config
+    group_index = config.groups.index(group)
+    schedule = anchor_schedule(len(setup.anchors[group]), config.anchors, config.steps, seed, group_index)
+    steps = []
+    try:
+        for step, anchor_indices in enumerate(schedule):
+            start = time.perf_counter()
+            anchors = setup.anchors[group].subset(anchor_indices)
+            query = setup.anchor_features[group][anchor_indices]
+            neighbours = setup.index.search_mean(query, min(config.candidates, setup.index.n))
+            loss_before = mean_loss(setup.adapter, anchors)
+            data, chosen, scores, solve = choose(setup, mode, anchors, neighbours, (seed * 100 + group_index, step))
+            sgd_step(setup.adapter, data, config.lr)
+            steps.append(
+                {
+                    "step": step + 1,
+                    "anchor_ids": [setup.anchor_records[group][i].id for i in anchor_indices],
+                    "selected_ids": None if chosen is None else [setup.pool_records[i].id for i in chosen],
+                    "selected_labels": [int(label) for label in data.labels],
+                    "scores": scores,
+                    "solver": solve,
+                    "anchor_loss_before": loss_before,
+                    "anchor_loss_after": mean_loss(setup.adapter, anchors),
+                    "eval": evaluate_all(setup),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+    finally:
+        setup.adapter.load_flat_params(setup.original)
+    return {"group": group, "mode": mode, "seed": seed, "steps": steps}
+
+
+def environment() -> dict[str, Any]:
+    """Where and under what load the experiment ran (CPU count, torch threads, load average, versions)."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    factory: ModelFactory | None = None,
+    progress: Progress | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Run every (group, mode, seed) of ``config``; return the results (config, original and per-step metrics).
+
+    ``factory`` gives the model (default: the embedded MNLI classifier); ``cache_dir`` keeps the encodings of
+    the frozen bottom on disk between runs (None: recompute them).
+    """
+    say = progress or (lambda _message: None)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    env_start = environment()
+    setup = prepare(config, factory or trained_nli_model, say, cache_dir)
+    original = evaluate_all(setup)
+    runs = []
+    for seed in config.seeds:
+        for group in config.groups:
+            for mode in config.modes:
+                run_start = time.perf_counter()
+                runs.append(run_one(setup, group, mode, seed))
+                final = runs[-1]["steps"][-1]["eval"][group]["accuracy"]
+                change = 100 * (final - original[group]["accuracy"])
+                say(f"seed {seed} {group:<15} {mode:<8} {change:+.2f} pts ({time.perf_counter() - run_start:.0f}s)")
+    return {
+        "config": config_to_dict(config),
+        "setup": setup.info,
+        "original": original,
+        "runs": runs,
+        "environment": {
+            "start": env_start,
+            "end": environment(),
+            "wall_seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
+        },
+    }

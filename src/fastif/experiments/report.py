@@ -1,0 +1,152 @@
+"""Summaries of an experiment's results: accuracy change against the original model (mean ± sd over seeds),
+a markdown table and a plot, written beside the results JSON and the config."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write, atomic_write_json, atomic_write_text
+
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+TABLE_FILE = "table.md"
+PLOT_FILE = "plot.png"
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean, sample sd (0 for one value) and count, in accuracy points."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+
+
+def accuracy_changes(results: dict[str, Any]) -> dict[tuple[str, str, str], list[list[float]]]:
+    """Per (anchor group, mode, evaluated group): one curve per seed of accuracy change in points, step 0..S."""
+    original = results["original"]
+    curves: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)
+    for run in results["runs"]:
+        for target, base in original.items():
+            curve = [0.0] + [100 * (s["eval"][target]["accuracy"] - base["accuracy"]) for s in run["steps"]]
+            curves[(run["group"], run["mode"], target)].append(curve)
+    return curves
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Final accuracy change per anchor group and mode: on the anchors' own group, and averaged over all groups."""
+    curves = accuracy_changes(results)
+    groups = list(results["original"])
+    modes = list(results["config"]["modes"])
+    summary: dict[str, Any] = {"own_group": {}, "all_groups": {}, "anchor_loss_change": {}}
+    for group in groups:
+        own = {mode: _mean_sd([c[-1] for c in curves[(group, mode, group)]]) for mode in modes}
+        mean_all = {
+            mode: _mean_sd([statistics.fmean(c) for c in zip(*(
+                [curve[-1] for curve in curves[(group, mode, target)]] for target in groups), strict=True)])
+            for mode in modes
+        }  # fmt: skip
+        summary["own_group"][group] = own
+        summary["all_groups"][group] = mean_all
+    for mode in modes:
+        own_means = [summary["own_group"][group][mode]["mean"] for group in groups]
+        summary["own_group"].setdefault("mean", {})[mode] = {"mean": statistics.fmean(own_means), "n": len(groups)}
+    summary["anchor_loss_change"] = _anchor_loss_changes(results)
+    return summary
+
+
+def _anchor_loss_changes(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Mean change of the anchors' own loss over one step, per mode (the sign check of the influence scores)."""
+    changes: dict[str, list[float]] = defaultdict(list)
+    for run in results["runs"]:
+        changes[run["mode"]] += [s["anchor_loss_after"] - s["anchor_loss_before"] for s in run["steps"]]
+    return {mode: _mean_sd(values) for mode, values in changes.items()}
+
+
+def _cell(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:+.2f} ± {stats['sd']:.2f}" if "sd" in stats else f"{stats['mean']:+.2f}"
+
+
+def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
+    """The results as markdown: original accuracy, final accuracy change per group and mode, timing and load."""
+    config, summary = results["config"], summarise(results)
+    modes, groups = list(config["modes"]), list(results["original"])
+    environment = results["environment"]
+    lines = [
+        f"# experiment {config['experiment']} ({config['task']})",
+        "",
+        f"Accuracy change (points) after {config['steps']} SGD steps (lr {config['lr']:g}) on the anchors' group's "
+        f"held-out test sample, mean ± sd over seeds {list(config['seeds'])}.",
+        "",
+        "| anchors from | original acc | " + " | ".join(modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
+    for group in groups:
+        cells = [_cell(summary["own_group"][group][mode]) for mode in modes]
+        lines.append(f"| {group} | {100 * results['original'][group]['accuracy']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("| mean | | " + " | ".join(_cell(summary["own_group"]["mean"][m]) for m in modes) + " |")
+    lines += ["", "Accuracy change averaged over all groups' test samples (same runs):", ""]
+    lines += ["| anchors from | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for group in groups:
+        lines.append(f"| {group} | " + " | ".join(_cell(summary["all_groups"][group][m]) for m in modes) + " |")
+    loss = summary["anchor_loss_change"]
+    lines += ["", "Change of the anchors' own mean loss over one step (all steps, groups and seeds):", ""]
+    lines += ["| " + " | ".join(modes) + " |", "|" + "---|" * len(modes)]
+    lines.append("| " + " | ".join(f"{loss[m]['mean']:+.2e} ± {loss[m]['sd']:.1e}" for m in modes) + " |")
+    lines += [
+        "",
+        f"Wall time {environment['wall_seconds'] / 60:.1f} min (setup {results['setup']['setup_seconds']:.0f} s) "
+        f"on {environment['start']['cpu_count']} CPU cores, {environment['start']['torch_threads']} torch threads; "
+        f"load average at start {_load(environment['start'])}, at end {_load(environment['end'])}.",
+    ]
+    if command:
+        lines += ["", "Command:", "", "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _load(env: dict[str, Any]) -> str:
+    return "/".join(f"{value:.1f}" for value in env["loadavg"])
+
+
+def plot(results: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy change on the anchors' own group against the step, one panel per group, mean ± sd per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = accuracy_changes(results)
+    groups, modes = list(results["original"]), list(results["config"]["modes"])
+    figure, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
+    for axis, group in zip(axes[0], groups, strict=True):
+        for mode in modes:
+            runs = curves[(group, mode, group)]
+            steps = range(len(runs[0]))
+            mean = [statistics.fmean(values) for values in zip(*runs, strict=True)]
+            sd = [statistics.stdev(values) if len(values) > 1 else 0.0 for values in zip(*runs, strict=True)]
+            axis.plot(steps, mean, label=mode, marker="o", markersize=3)
+            axis.fill_between(steps, [m - s for m, s in zip(mean, sd, strict=True)],
+                              [m + s for m, s in zip(mean, sd, strict=True)], alpha=0.15)  # fmt: skip
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_title(f"anchors: {group}")
+        axis.set_xlabel("SGD step")
+    axes[0][0].set_ylabel("accuracy change (points)")
+    axes[0][-1].legend(fontsize=8)
+    config = results["config"]
+    figure.suptitle(f"fastif experiment {config['experiment']} ({config['task']}), mean ± sd over seeds")
+    figure.tight_layout()
+    target = atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return target
+
+
+def write_results(results: dict[str, Any], config: Any, folder: str | Path, command: str | None = None) -> Path:
+    """Write results.json (with its summary), config.json, table.md and plot.png into ``folder``."""
+    from ..config import save_config
+
+    folder = Path(folder)
+    atomic_write_json(folder / RESULTS_FILE, {**results, "summary": summarise(results)})
+    save_config(config, folder / CONFIG_FILE)
+    atomic_write_text(folder / TABLE_FILE, markdown_table(results, command))
+    plot(results, folder / PLOT_FILE)
+    return folder

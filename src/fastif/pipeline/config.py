@@ -1,0 +1,298 @@
+"""Typed stage configs of the end-to-end pipeline, composed into one :class:`PipelineConfig`.
+
+One frozen dataclass per stage (model, data, parameters, candidates, solver, scoring, output). A whole config
+loads from a TOML, YAML or JSON file with one table per stage; unknown keys and wrong types raise a
+:class:`~fastif.errors.ConfigError` naming the file, the table and the key, so a typo never falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..candidates import CandidateConfig
+from ..config import config_from_dict, config_to_dict
+from ..errors import ConfigError
+from ..nli_model import NLITrainConfig
+from ..scores import ScoreMethod
+
+SolverMethod = Literal["lissa", "cg", "arnoldi", "exact", "identity"]
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which classifier to explain: ``"embedded"`` (the MiniLM NLI recipe, trained once and cached), a folder
+    written by ``fastif train``, any local HF sequence-classification checkpoint, or a hub name (online)."""
+
+    model: str = EMBEDDED_MODEL
+    recipe: NLITrainConfig = field(default_factory=NLITrainConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training and test examples come from and how their columns map to (premise, hypothesis, label).
+
+    ``train`` / ``test`` are a bundled set (``mnli_train``, ``mnli_test``, ``hans_eval``, ...), a JSONL/CSV/TSV
+    file, or ``hf:NAME[:CONFIG][@SPLIT]`` (Hugging Face ``datasets``, online). ``label_names=()`` takes the
+    model's ``id2label``. With the embedded model the bundled training split is cut to the recipe's
+    ``train_size`` (the points the model was trained on); ``train_size`` cuts any training set further.
+    """
+
+    train: str = "mnli_train"
+    test: str = "mnli_test"
+    premise_column: str = "premise"
+    hypothesis_column: str | None = "hypothesis"
+    label_column: str = "label"
+    id_column: str | None = "id"
+    label_names: tuple[str, ...] = ()
+    max_length: int = 128
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that cannot work."""
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ConfigError(f"data.train_size must be positive (or unset for all), got {self.train_size}")
+
+
+@dataclass(frozen=True)
+class ParameterConfig:
+    """Which parameters influence is taken over, and the training objective's L2 term (adapter stage).
+
+    With ``include`` empty: the last ``top_layers`` encoder layers plus everything outside the embeddings and the
+    encoder (pooler, classifier). The default 0 keeps the pooler and classifier (149k parameters on MiniLM), which
+    fits the demo's time budget on 2 CPU cores; FastIF took BERT's top two layers too (``top_layers=2``).
+    ``l2=None`` takes the recipe's L2 for a fastif-trained model and 0 otherwise.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    top_layers: int = 0
+    l2: float | None = None
+    l2_exclude: tuple[str, ...] = ("*bias", "*LayerNorm*")
+
+    def __post_init__(self) -> None:
+        """Refuse a negative layer count or L2 term."""
+        if self.top_layers < 0:
+            raise ConfigError(f"parameters.top_layers must be >= 0, got {self.top_layers}")
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"parameters.l2 must be >= 0, got {self.l2}")
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    """FastIF's candidate stage: score only the ``k`` training points nearest in feature space (``None`` = all).
+
+    Features are the input of ``feature_module`` at the [CLS] position; the default, ``"classifier"``, is the
+    pooled [CLS] vector that feeds a BERT classifier. Another module (e.g. ``"bert.encoder.layer.3"``) takes
+    that layer's input. Features (and predictions) are computed ``batch_size`` examples at a time; ``faiss`` holds
+    the index type and its parameters.
+    """
+
+    k: int | None = 100
+    feature_module: str = "classifier"
+    batch_size: int = 64
+    faiss: CandidateConfig = field(default_factory=CandidateConfig)
+
+    def __post_init__(self) -> None:
+        """Refuse a non-positive k or batch size."""
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"candidates.k must be positive (or unset to score every training point), got {self.k}")
+        if self.batch_size < 1:
+            raise ConfigError(f"candidates.batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SolverStageConfig:
+    """How s_test = (H + damping·I)⁻¹ ∇L(test) is solved; LiSSA is FastIF's fast s_test.
+
+    LiSSA runs ``repeats`` chains (default: one per worker) of ``depth`` steps at ``batch_size`` and averages them;
+    ``scale=None`` estimates the top batch-Hessian eigenvalue by power iteration (``scale_samples`` batches ×
+    ``power_iterations``) so the recursion contracts. ``tail_average=0.5`` averages each chain's iterates over its
+    last half (FastIF took the last iterate, 0): at B = 1 the iterate keeps fluctuating around the fixed point.
+    ``workers`` > 1 runs the chains in parallel processes (``fastif.runner``); ``None`` = one per usable CPU core.
+    CG / Arnoldi use full-data HVPs in batches of ``hessian_batch_size``. The default damping 0.3 makes
+    H + damping·I positive definite for the embedded model's pooler + classifier (its Hessian's smallest eigenvalue
+    is about -0.14, docs/study.md); other models may need more.
+    """
+
+    method: SolverMethod = "lissa"
+    damping: float = 0.3
+    depth: int = 500
+    repeats: int | None = None
+    batch_size: int = 1
+    scale: float | None = None
+    scale_samples: int = 4
+    power_iterations: int = 10
+    tail_average: float = 0.5
+    workers: int | None = None
+    max_iterations: int = 100
+    rank: int = 20
+    hessian_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        """Refuse non-positive sizes and a negative damping."""
+        sizes = ("depth", "batch_size", "scale_samples", "power_iterations", "max_iterations", "rank")
+        bad = [name for name in sizes if getattr(self, name) < 1]
+        bad += [name for name in ("repeats", "workers") if getattr(self, name) is not None and getattr(self, name) < 1]
+        if self.hessian_batch_size < 1:
+            bad.append("hessian_batch_size")
+        if bad:
+            raise ConfigError(f"solver.{bad[0]} must be a positive integer, got {getattr(self, bad[0])!r}")
+        if not self.damping >= 0:
+            raise ConfigError(f"solver.damping must be >= 0, got {self.damping}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Which test points are explained and how many training points are shown for each.
+
+    Test points are, in order of precedence: ``premise`` (+ ``hypothesis``, ``label``) given as text, the rows of
+    the test set at ``test_indices``, or ``correct`` correctly and ``wrong`` wrongly predicted points picked at
+    random (``seed``) among the first ``pool`` test points. A text without ``label`` is explained against the
+    model's prediction. ``group`` explains the mean loss of all of them, with candidates near their mean feature.
+    """
+
+    top_k: int = 5
+    group: bool = False
+    method: ScoreMethod = "auto"
+    batch_size: int = 32
+    test_indices: tuple[int, ...] = ()
+    correct: int = 2
+    wrong: int = 2
+    pool: int = 100
+    premise: str | None = None
+    hypothesis: str | None = None
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that select nothing."""
+        if self.top_k < 1 or self.batch_size < 1 or self.pool < 1:
+            raise ConfigError("scoring.top_k, scoring.batch_size and scoring.pool must be positive")
+        if self.correct < 0 or self.wrong < 0 or self.correct + self.wrong == 0:
+            raise ConfigError("scoring.correct and scoring.wrong must be >= 0 and not both 0")
+        if any(i < 0 for i in self.test_indices):
+            raise ConfigError(f"scoring.test_indices must be >= 0, got {list(self.test_indices)}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go: ``folder`` gets JSON, CSV and the config; the kNN index lives in ``index_folder``
+    (default ``<folder>/index``) and is reused by later runs; ``overwrite`` replaces an index made for another
+    model, data or index config (instead of refusing it)."""
+
+    folder: str = "fastif-results"
+    index_folder: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def index_path(self) -> Path:
+        """The kNN index store's folder."""
+        return Path(self.index_folder) if self.index_folder else Path(self.folder) / "index"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every stage's config, plus the random ``seed`` and the torch ``device`` the model runs on."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parameters: ParameterConfig = field(default_factory=ParameterConfig)
+    candidates: KNNConfig = field(default_factory=KNNConfig)
+    solver: SolverStageConfig = field(default_factory=SolverStageConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _check_keys(cls: type, data: Any, source: str, table: str = "") -> None:
+    """Refuse unknown keys in ``data`` and in its nested stage tables, naming the table and the key."""
+    where = f"{source}: [{table}]" if table else f"{source}:"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} expected a table of options, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key == "type":
+            continue
+        if key not in fields:
+            raise ConfigError(f"{where} unknown option {key!r}; valid options are {sorted(fields)}")
+        nested = fields[key].default_factory
+        if dataclasses.is_dataclass(nested):
+            _check_keys(nested, value, source, f"{table}.{key}" if table else key)
+
+
+def config_from_mapping(data: Any, source: str = "config") -> PipelineConfig:
+    """Build a PipelineConfig from nested dicts (one table per stage), refusing unknown keys and wrong types."""
+    _check_keys(PipelineConfig, data, source)
+    try:
+        return config_from_dict(PipelineConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _parse(path: Path) -> Any:
+    """The raw content of a TOML, YAML or JSON file; ConfigError with the parser's message in one line."""
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: unknown format {suffix or '(none)'!r}; use .toml, .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except Exception as error:  # each parser has its own error class; all mean "malformed file"
+        message = " ".join(str(error).split())
+        raise ConfigError(f"config file {path} is malformed: {message}") from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update``'s values, tables merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_pipeline_config(path: str | Path, base: PipelineConfig | None = None) -> PipelineConfig:
+    """Read a PipelineConfig from a TOML, YAML or JSON file with tables ``[model]``, ``[data]``, ``[solver]``...;
+    options the file leaves out keep their values in ``base`` (default: the defaults)."""
+    path = Path(path)
+    data = _parse(path)
+    _check_keys(PipelineConfig, data, str(path))
+    return config_from_mapping(_merge(config_to_dict(base or PipelineConfig()), data), str(path))
+
+
+def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """A copy of ``config`` with dotted keys (``"solver.depth"``) set, type-checked like a config file."""
+    data = config_to_dict(config)
+    for dotted, value in overrides.items():
+        *tables, key = dotted.split(".")
+        table = data
+        for name in tables:
+            table = table[name]
+        if key not in table:
+            raise ConfigError(f"unknown option {dotted!r}")
+        table[key] = list(value) if isinstance(value, tuple) else value
+    return config_from_mapping(data, "options")

@@ -1,0 +1,198 @@
+"""The ``fastif`` command line: help for every subcommand, one-line errors with exit code 2, ``influence`` / ``demo``
+/ ``index`` on a user's own tiny checkpoint and JSONL files, config files, and ``train`` / ``bench`` on MiniLM."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_pipeline import make_checkpoint, write_jsonl
+
+from fastif.cli import run
+from fastif.nli import load_embedded
+from fastif.pipeline import PipelineConfig
+
+SUBCOMMANDS = ("demo", "train", "index", "influence", "bench", "example")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint and JSONL train (30 pairs) / test (8 pairs) files."""
+    root = tmp_path_factory.mktemp("cli")
+    records = load_embedded("mnli_train")
+    return {
+        "model": make_checkpoint(root / "model"),
+        "train": write_jsonl(root / "train.jsonl", records[:30]),
+        "test": write_jsonl(root / "test.jsonl", records[30:38]),
+    }
+
+
+def tiny_args(tiny, output) -> list[str]:
+    """Fast options on the tiny checkpoint."""
+    return [
+        *("--model", str(tiny["model"]), "--train", str(tiny["train"]), "--test", str(tiny["test"])),
+        *("--max-length", "48", "--candidates", "8", "-k", "2", "--depth", "10", "--damping", "0.1"),
+        *("--workers", "1", "--output", str(output), "--no-progress"),
+    ]
+
+
+def one_line_error(capsys) -> str:
+    """The captured stderr, checked to be one 'fastif: error:' line without a traceback."""
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fastif: error:") and "\n" not in error and "Traceback" not in error
+    return error
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run([command, "--help"])
+    assert exit_info.value.code == 0 and f"usage: fastif {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["influence", "--depth", "deep"], "--depth"),
+        (["influence", "--solver", "newton"], "--solver"),
+        (["demo", "--candidates", "many"], "--candidates"),
+        (["index", "--colour", "red"], "--colour"),
+        (["train", "--labels", "4"], "--labels"),
+        (["bench", "--examples", "0"], "--examples"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2 and needle in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["influence", "--candidates", "0"], "candidates.k must be positive"),
+        (["influence", "--depth", "0"], "solver.depth"),
+        (["influence", "--device", "gpu7"], "unknown device"),
+        (["influence", "--config", "missing.toml"], "cannot read config file"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert run(argv) == 2 and needle in one_line_error(capsys)
+
+
+def test_missing_data_and_hugging_face_datasets_offline_are_one_line_errors(tiny, tmp_path, capsys):
+    base = ["index", "--model", str(tiny["model"]), "--output", str(tmp_path), "--no-progress"]
+    assert run([*base, "--train", str(tmp_path / "nope.jsonl")]) == 2
+    assert "neither a file nor a bundled set" in one_line_error(capsys)
+    assert run([*base, "--train", "hf:nyu-mll/glue:mnli@train"]) == 2
+    assert "hf:nyu-mll/glue:mnli@train" in one_line_error(capsys)
+
+
+def test_errors_in_a_subprocess_print_no_traceback(tmp_path):
+    command = [sys.executable, "-m", "fastif.cli", "influence", "--train-size", "-3", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "train_size" in result.stderr
+
+
+def test_influence_on_a_users_checkpoint_and_jsonl_files(tiny, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run(["influence", *tiny_args(tiny, output), "--test-indices", "0,3"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((output / "influence.json").read_text())
+    assert [item["test"]["index"] for item in report["explained"]] == [0, 3]
+    assert report["explained"][0]["helpful"][0]["premise"].split()[0] in printed and "most harmful" in printed
+    csv_lines = (output / "influence.csv").read_text().strip().splitlines()
+    assert csv_lines[0].startswith("query,test_index") and len(csv_lines) == 1 + 2 * 2 * 2
+    saved = json.loads((output / "pipeline_config.json").read_text())
+    assert saved["model"]["model"] == str(tiny["model"]) and saved["solver"]["depth"] == 10
+    assert (output / "index" / "faiss" / "index.faiss").is_file()
+
+
+def test_influence_on_text_and_the_demo_reuse_one_index(tiny, tmp_path, capsys):
+    output = tmp_path / "out"
+    text = ["--premise", "A dog runs in the park.", "--hypothesis", "An animal is outside.", "--label", "entailment"]
+    assert run(["influence", *tiny_args(tiny, output), *text]) == 0
+    assert "built" in capsys.readouterr().out
+    assert run(["demo", *tiny_args(tiny, output), "--correct", "1", "--wrong", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("fastif demo:") and "reused" in printed and "times:" in printed
+
+
+def test_index_subcommand_and_a_mismatched_index(tiny, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert run(["index", *tiny_args(tiny, output)[:6], "--max-length", "48", "--output", str(output)]) == 0
+    assert "built" in capsys.readouterr().out
+    assert run(["index", *tiny_args(tiny, output)[:6], "--max-length", "48", "--output", str(output)]) == 0
+    assert "reused" in capsys.readouterr().out
+    other = ["--model", str(tiny["model"]), "--train", str(tiny["train"]), "--train-size", "20", "--max-length", "48"]
+    assert run(["index", *other, "--output", str(output)]) == 2
+    assert "--overwrite" in one_line_error(capsys)
+    assert run(["index", *other, "--output", str(output), "--overwrite"]) == 0
+    assert "20 training points" in capsys.readouterr().out
+
+
+def test_a_malformed_data_file_reports_its_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    lines = tiny["train"].read_text().splitlines()
+    bad.write_text("\n".join([lines[0], lines[1], '{"premise": "cut off', *lines[2:]]) + "\n")
+    argv = tiny_args(tiny, tmp_path / "out")
+    argv[argv.index("--train") + 1] = str(bad)
+    assert run(["influence", *argv]) == 2
+    assert "line 3" in one_line_error(capsys)
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("premise,hypothesis,label\nA cat sat.,A cat is sitting.,entailment\nA dog.,No dog.,maybe\n")
+    argv[argv.index("--train") + 1] = str(csv_file)
+    assert run(["influence", *argv]) == 2
+    assert "line 3" in one_line_error(capsys)
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tiny, tmp_path):
+    config = tmp_path / "fastif.toml"
+    config.write_text("[solver]\ndepth = 7\nrepeats = 1\n[scoring]\ntop_k = 1\ntest_indices = [2]\n")
+    output = tmp_path / "out"
+    assert run(["influence", *tiny_args(tiny, output), "--config", str(config)]) == 0
+    saved = json.loads((output / "pipeline_config.json").read_text())
+    assert saved["solver"]["depth"] == 10 and saved["solver"]["repeats"] == 1 and saved["scoring"]["top_k"] == 2
+    report = json.loads((output / "influence.json").read_text())
+    assert report["explained"][0]["test"]["index"] == 2 and len(report["explained"][0]["helpful"]) == 2
+
+
+@pytest.mark.slow
+def test_train_then_explain_with_the_trained_minilm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "train.yaml"
+    config.write_text("model:\n  recipe:\n    validation_size: 4\n    batch_size: 4\n")
+    model = tmp_path / "model"
+    argv = ["train", "--config", str(config), "--train-size", "8", "--output", str(model), "--no-progress"]
+    assert run(argv) == 0
+    assert "trained in" in capsys.readouterr().out and (model / "train_config.json").is_file()
+    assert run([*argv[:-3], "--no-progress"]) == 0
+    assert "cached" in capsys.readouterr().out
+    output = tmp_path / "out"
+    explain = ["--model", str(model), "--candidates", "4", "-k", "2", "--depth", "5", "--workers", "1"]
+    assert run(["influence", *explain, "--test-indices", "0", "--output", str(output), "--no-progress"]) == 0
+    report = json.loads((output / "influence.json").read_text())
+    assert report["train"]["size"] == 8 and report["parameters"]["count"] == 148_995
+
+
+@pytest.mark.slow
+def test_bench_prints_stage_times(tmp_path, capsys):
+    assert run(["bench", "--examples", "8", "--steps", "2", "--candidates", "4", "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "LiSSA steps" in printed and "candidate scores" in printed
+    assert len(json.loads((tmp_path / "bench.json").read_text())["stages"]) == 9
+
+
+def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
+    assert first.endswith("pip install -e . && fastif demo")
+    defaults = PipelineConfig()
+    assert (defaults.candidates.k, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
+    assert "100 nearest training pairs" in readme and "500 steps each" in readme

@@ -1,0 +1,254 @@
+"""The fine-tuning experiments: configs, splits, the cached top layers, the loop's sign, and a CLI smoke run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastif.config import config_to_dict, save_config
+from fastif.errors import ConfigError
+from fastif.experiments import (
+    ExperimentConfig,
+    SplitConfig,
+    TopLayers,
+    add_experiment_commands,
+    anli_split,
+    default_config,
+    encode_hidden,
+    hans_split,
+    load_experiment_config,
+    quick_config,
+)
+from fastif.experiments.cli import config_from_args
+from fastif.experiments.finetune import anchor_schedule, evaluate, mean_loss, sgd_step
+from fastif.experiments.head import top_layers_adapter
+from fastif.experiments.report import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
+from fastif.nli import load_embedded, load_minilm_tokenizer
+from fastif.nli_data import TextPairData, nli_label_scheme
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_minilm_tokenizer()
+
+
+def tiny_nli_model(tokenizer, num_labels: int):
+    """A 2-layer, 16-wide random BERT classifier over the MiniLM vocabulary (eager attention, eval mode)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        attn_implementation="eager",
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def factory(tokenizer):
+    """A model factory for the loop: the tiny BERT instead of the trained MiniLM."""
+    return lambda num_labels: (tiny_nli_model(tokenizer, num_labels), tokenizer, {"name": "tiny-bert"})
+
+
+def pairs(tokenizer, name: str, count: int, num_labels: int = 2) -> TextPairData:
+    records = load_embedded(name, num_labels)[:count]
+    return TextPairData(records, tokenizer, 128, nli_label_scheme(num_labels)[0])
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_config_defaults_json_round_trip_and_validation(tmp_path):
+    for experiment in ("correct", "augment"):
+        for task in ("hans", "anli"):
+            config = default_config(experiment, task)
+            save_config(config, tmp_path / "config.json")
+            assert load_experiment_config(tmp_path / "config.json") == config
+    assert default_config("augment", "anli").groups == ("r1", "r2", "r3")
+    assert quick_config("correct").seeds == (0,)
+    data = config_to_dict(default_config("correct"))
+    (tmp_path / "typo.json").write_text(json.dumps({**data, "stepz": 3}))
+    with pytest.raises(ConfigError, match="stepz"):
+        load_experiment_config(tmp_path / "typo.json")
+    bad = [
+        {"modes": ("helpful", "best")},
+        {"groups": ("r1",)},
+        {"seeds": (1, 1)},
+        {"steps": 0},
+        {"selected": 20, "candidates": 10},
+        {"lr": 0.0},
+    ]
+    for change in bad:
+        with pytest.raises(ConfigError):
+            ExperimentConfig(**change)
+    with pytest.raises(ConfigError, match="pool_fraction"):
+        ExperimentConfig(experiment="augment", task="anli", groups=("r1",))
+    with pytest.raises(ConfigError):
+        SplitConfig(anchor_fraction=0.6, pool_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_hans_split_is_disjoint_stratified_and_fixed():
+    config = SplitConfig(anchor_pool=60, eval_size=90)
+    split = hans_split(config, ("lexical_overlap", "constituent"))
+    assert split.sizes()["anchors"] == {"lexical_overlap": 60, "constituent": 60}
+    for group in ("lexical_overlap", "constituent"):
+        anchor_ids = {r.id for r in split.anchors[group]}
+        test_ids = {r.id for r in split.test[group]}
+        assert not anchor_ids & test_ids
+        assert {r.extra["heuristic"] for r in split.anchors[group]} == {group}
+        subcases = [r.extra["subcase"] for r in split.test[group]]
+        assert len(set(subcases)) == 10 and all(subcases.count(s) == 9 for s in set(subcases))
+    again = hans_split(config, ("lexical_overlap", "constituent"))
+    assert [r.id for r in again.test["constituent"]] == [r.id for r in split.test["constituent"]]
+    larger = hans_split(replace(config, eval_size=120), ("constituent",))
+    assert {r.id for r in split.test["constituent"]} <= {r.id for r in larger.test["constituent"]}
+    other = hans_split(replace(config, seed=1), ("constituent",))
+    assert [r.id for r in other.test["constituent"]] != [r.id for r in split.test["constituent"]]
+
+
+def test_anli_split_pool_anchors_test_are_disjoint():
+    split = anli_split(SplitConfig(anchor_fraction=0.2, pool_fraction=0.5, anchor_pool=0, eval_size=0))
+    pool = {r.id for r in split.pool}
+    anchors = {r.id for group in split.anchors.values() for r in group}
+    test = {r.id for group in split.test.values() for r in group}
+    assert not (pool & anchors or pool & test or anchors & test)
+    assert len(pool) + len(anchors) + len(test) == 1000 + 1000 + 1198
+    assert abs(len(pool) / 3198 - 0.5) < 0.01 and abs(len(anchors) / 3198 - 0.2) < 0.01
+
+
+def test_anchor_schedule_is_seeded_and_shared_across_modes():
+    first = anchor_schedule(25, 10, 4, seed=3, group_index=1)
+    assert first == anchor_schedule(25, 10, 4, seed=3, group_index=1)
+    assert first != anchor_schedule(25, 10, 4, seed=4, group_index=1)
+    assert all(len(step) == 10 and len(set(step)) == 10 for step in first)
+    assert len({i for step in first[:2] for i in step}) == 20  # no repeats within one permutation
+
+
+# ---------------------------------------------------------------------------------------------- cached top layers
+
+
+def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
+    from fastif.nli import predict_logits
+
+    model = tiny_nli_model(tokenizer, 2)
+    data = pairs(tokenizer, "mnli_train", 12)
+    top = TopLayers(model, 1)
+    cached = encode_hidden(model, data, top.first, batch_size=5)
+    (hidden, mask), labels = cached.batch(range(12))
+    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
+    assert torch.equal(labels, data.labels)
+    assert top.module_names == ("bert.encoder.layer.1", "bert.pooler", "classifier")
+    adapter = top_layers_adapter(top, 1e-3)
+    assert adapter.num_params == sum(p.numel() for p in top.parameters())
+    before = model.classifier.weight.detach().clone()
+    sgd_step(adapter, cached, lr=0.5)
+    assert not torch.equal(before, model.classifier.weight)  # the step lands in the full model
+    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
+    metrics = evaluate(adapter, cached, batch_size=4)
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+
+
+def test_cls_only_top_and_the_disk_cache(tokenizer, tmp_path):
+    from fastif.experiments.head import cached_encode, model_fingerprint
+    from fastif.nli import predict_logits
+
+    model = tiny_nli_model(tokenizer, 3)
+    data = pairs(tokenizer, "mnli_train", 9, num_labels=3)
+    top = TopLayers(model, 0)
+    assert top.cls_only and top.module_names == ("bert.pooler", "classifier")
+    key = model_fingerprint(model)
+    first = cached_encode(model, data, top.first, True, tmp_path, key)
+    assert all(state.shape == (1, 16) for state in first.states) and len(list(tmp_path.iterdir())) == 1
+    again = cached_encode(model, data, top.first, True, tmp_path, key)  # read back from disk
+    assert all(torch.equal(a, b) for a, b in zip(first.states, again.states, strict=True))
+    (hidden, mask), _ = again.batch(range(9))
+    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    assert model_fingerprint(model) != key
+
+
+def test_helpful_points_lower_the_anchor_loss_and_harmful_raise_it(factory):
+    """The sign check: with heavy damping s_test ∝ the anchor gradient, so a small step must move the loss."""
+    from fastif.experiments.finetune import prepare
+
+    lissa = replace(quick_config("correct").lissa, damping=50.0, scale=200.0, depth=30)
+    config = replace(quick_config("correct"), candidates=40, selected=5, lr=1e-3, lissa=lissa)
+    setup = prepare(config, factory, lambda _message: None)
+    group = config.groups[0]
+    anchors = setup.anchors[group].subset(range(4))
+    neighbours = setup.index.search_mean(setup.anchor_features[group][:4], config.candidates)
+    from fastif.experiments.finetune import choose
+
+    changes = {}
+    for mode in ("helpful", "harmful"):
+        before = mean_loss(setup.adapter, anchors)
+        data, chosen, scores, _ = choose(setup, mode, anchors, neighbours, (0, 0))
+        assert len(chosen) == 5 and set(chosen) <= set(neighbours.tolist())
+        assert (scores[0] > 0) if mode == "helpful" else (scores[0] < 0)
+        sgd_step(setup.adapter, data, config.lr)
+        changes[mode] = mean_loss(setup.adapter, anchors) - before
+        setup.adapter.load_flat_params(setup.original)
+    assert changes["helpful"] < 0 < changes["harmful"]
+
+
+# ---------------------------------------------------------------------------------------------- CLI smoke run
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="fastif")
+    add_experiment_commands(root.add_subparsers(dest="command", required=True))
+    return root
+
+
+def test_cli_options_build_the_config(tmp_path):
+    args = parser().parse_args(["experiment", "augment", "--task", "anli", "--seeds", "3", "4", "--steps", "2"])
+    config = config_from_args(args)
+    assert (config.experiment, config.task, config.seeds, config.steps) == ("augment", "anli", (3, 4), 2)
+    assert config.split.pool_fraction > 0
+    save_config(replace(quick_config("correct"), steps=7), tmp_path / "c.json")
+    args = parser().parse_args(["experiment", "augment", "--config", str(tmp_path / "c.json"), "--seed", "5"])
+    config = config_from_args(args)
+    assert (config.experiment, config.steps, config.seeds) == ("augment", 7, (5,))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["experiment", "correct", "--seed", "1", "--seeds", "2"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["experiment", "fix"])
+
+
+@pytest.mark.filterwarnings("ignore:LiSSA has not settled")  # --quick runs 4-step chains on purpose
+@pytest.mark.parametrize("experiment", ["correct", "augment"])
+def test_quick_experiment_smoke_run_writes_results(tmp_path, factory, experiment, capsys):
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    args = parser().parse_args(
+        ["experiment", experiment, "--quick", "--output", str(output), "--cache-dir", str(cache)]
+    )
+    args.factory = factory
+    assert args.handler(args) == 0
+    for name in (RESULTS_FILE, CONFIG_FILE, TABLE_FILE, PLOT_FILE):
+        assert (output / name).is_file()
+    results = json.loads((output / RESULTS_FILE).read_text())
+    config = load_experiment_config(output / CONFIG_FILE)
+    assert config == quick_config(experiment)
+    assert len(results["runs"]) == len(config.groups) * len(config.modes) * len(config.seeds)
+    assert all(len(run["steps"]) == config.steps for run in results["runs"])
+    pool_ids = {step_id for run in results["runs"] for step in run["steps"] for step_id in step["selected_ids"] or []}
+    anchor_ids = {step_id for run in results["runs"] for step in run["steps"] for step_id in step["anchor_ids"]}
+    assert pool_ids and not pool_ids & anchor_ids
+    summary = summarise(results)
+    assert set(summary["own_group"]) == {*config.groups, "mean"}
+    assert results["environment"]["start"]["loadavg"] and results["setup"]["lissa_scale"] > 0
+    assert "| anchors from |" in capsys.readouterr().out
