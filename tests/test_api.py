@@ -109,3 +109,16 @@ def test_lissa_divergence_is_caught_with_a_fix():
     influence = fastif.Influence(_mlp(), data, fastif.LiSSA(scale=1e-3, depth=200))
     with pytest.raises(SolverError, match="Increase scale"):
         influence.s_test(data)
+
+
+def test_every_application_is_a_subcommand_of_the_main_cli():
+    from fastif.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["experiment", "correct", "--quick"],
+        ["experiment", "simulatability", "--quick"],
+        ["experiment", "influence-graph", "--quick"],
+        ["report", "some-run"],
+    ):
+        assert callable(parser.parse_args(argv).handler)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, FastIFError
+from .experiments.cli import add_experiment_commands
+from .report.from_run import add_report_command
+from .report.nli_graph import add_graph_command
+from .simulatability import add_simulatability_command
 
 EXIT_USAGE = 2
 DEMO_FOLDER = "fastif-results/demo"
@@ -458,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--seed", type=int, default=0, help="random seed")
     example.add_argument("--debug", action="store_true", help="show tracebacks")
     example.set_defaults(handler=_example)
+
+    add_experiment_commands(commands)
+    add_simulatability_command(commands)
+    add_graph_command(commands)
+    add_report_command(commands)
     return parser
 
 
