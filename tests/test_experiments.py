@@ -24,7 +24,7 @@ from fastif.experiments import (
     quick_config,
 )
 from fastif.experiments.cli import config_from_args
-from fastif.experiments.finetune import anchor_schedule, evaluate, mean_loss, sgd_step
+from fastif.experiments.finetune import anchor_schedule, collate, evaluate, mean_loss, sgd_step
 from fastif.experiments.head import top_layers_adapter
 from fastif.experiments.report import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
 from fastif.nli import load_embedded, load_minilm_tokenizer
@@ -157,7 +157,7 @@ def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
     sgd_step(adapter, cached, lr=0.5)
     assert not torch.equal(before, model.classifier.weight)  # the step lands in the full model
     assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
-    metrics = evaluate(adapter, cached, batch_size=4)
+    metrics = evaluate(top, collate(cached, batch_size=4))
     assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
 
 

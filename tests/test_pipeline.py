@@ -168,6 +168,7 @@ def test_parallel_lissa_chains_match_the_serial_ones(tiny, tmp_path):
     serial = Pipeline(tiny_config(tiny, tmp_path / "a", **settings)).explain()
     parallel = Pipeline(tiny_config(tiny, tmp_path / "b", **settings, **{"solver.workers": 2})).explain()
     assert parallel["s_test"]["workers"] == 2
+    assert any("not settled" in text for text in parallel["s_test"]["warnings"])  # 20 steps: kept, not printed
     for kind in ("helpful", "harmful"):
         one, two = serial["explained"][0][kind], parallel["explained"][0][kind]
         assert [row["train_index"] for row in one] == [row["train_index"] for row in two]

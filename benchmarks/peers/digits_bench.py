@@ -130,7 +130,7 @@ def task_a(spec: DigitsSpec, methods: list[Method], args: argparse.Namespace) ->
         "spec": vars(spec),
         "problem": problem.info,
         "ground_truth_seconds": {"loo": loo_seconds, "lds": lds.seconds},
-        "methods": with_ratios(rows),
+        "methods": with_ratios(rows, "lds", 0.005),
     }
 
 
@@ -153,7 +153,7 @@ def task_b(spec: DigitsSpec, methods: list[Method], args: argparse.Namespace) ->
             "found_at_10pct": found_at(timing.output, problem.flipped, 0.1),
             "pearson_vs_exact": score_correlation(timing.output, exact)["pearson"],
         }
-    return {"spec": vars(spec), "problem": problem.info, "methods": with_ratios(rows)}
+    return {"spec": vars(spec), "problem": problem.info, "methods": with_ratios(rows, "auc", 0.002)}
 
 
 def found_at(suspicion: np.ndarray, flipped: np.ndarray, fraction: float) -> float:
@@ -162,39 +162,49 @@ def found_at(suspicion: np.ndarray, flipped: np.ndarray, fraction: float) -> flo
     return float(flipped[top].sum() / flipped.sum())
 
 
-def with_ratios(rows: dict[str, dict]) -> dict[str, dict]:
-    """Add ``ratio_to_counterpart`` = this method's median time / its fastif counterpart's (peers only)."""
+def with_ratios(rows: dict[str, dict], quality: str, tolerance: float) -> dict[str, dict]:
+    """Add, for peers, the time ratio to their fastif counterpart and to the fastest fastif method whose
+    ``quality`` (LDS or AUC) is at least theirs minus ``tolerance``: "fastest at equal or better quality"."""
+    fastif = {name: row for name, row in rows.items() if row["library"] == "fastif"}
     for row in rows.values():
         base = rows.get(row["counterpart"])
-        row["ratio_to_counterpart"] = (
-            row["median_seconds"] / base["median_seconds"] if base and row["library"] != "fastif" else None
-        )
+        peer = row["library"] != "fastif"
+        row["ratio_to_counterpart"] = row["median_seconds"] / base["median_seconds"] if base and peer else None
+        good = [name for name, r in fastif.items() if r[quality] >= row[quality] - tolerance]
+        best = min(good, key=lambda name: fastif[name]["median_seconds"]) if good and peer else None
+        row["fastest_fastif_at_equal_quality"] = best
+        row["ratio_to_fastest"] = row["median_seconds"] / fastif[best]["median_seconds"] if best else None
     return rows
+
+
+RATIO_HEADERS = [
+    "method",
+    "time (s)",
+    "fastif counterpart",
+    "peer / counterpart",
+    "fastest fastif at ≥ quality",
+    "peer / that",
+]
+
+
+def ratio_cells(name: str, row: dict[str, Any]) -> list[Any]:
+    """The method, its median time, and (for peers) the two time ratios with the fastif methods they are set against."""
+    peer = row["library"] != "fastif"
+    return [
+        name,
+        row["median_seconds"],
+        row["counterpart"] if peer else "",
+        row["ratio_to_counterpart"],
+        row["fastest_fastif_at_equal_quality"] or ("none" if peer else ""),
+        row["ratio_to_fastest"],
+    ]
 
 
 def table_a(name: str, result: dict[str, Any]) -> str:
     """Markdown table of task (a) for one model."""
-    headers = [
-        "method",
-        "fastif counterpart",
-        "time (s)",
-        "peer / fastif",
-        "LOO Pearson",
-        "LOO Spearman",
-        "LDS",
-        "Pearson vs Exact",
-    ]
+    headers = [*RATIO_HEADERS, "LOO Pearson", "LOO Spearman", "LDS", "Pearson vs Exact"]
     rows = [
-        [
-            m,
-            r["counterpart"] if r["library"] != "fastif" else "",
-            r["median_seconds"],
-            r["ratio_to_counterpart"],
-            r["loo_pearson"],
-            r["loo_spearman"],
-            r["lds"],
-            r["pearson_vs_exact"],
-        ]
+        [*ratio_cells(m, r), r["loo_pearson"], r["loo_spearman"], r["lds"], r["pearson_vs_exact"]]
         for m, r in result["methods"].items()
     ]
     return f"### (a) {name}\n\n" + markdown_table(headers, rows)
@@ -202,26 +212,9 @@ def table_a(name: str, result: dict[str, Any]) -> str:
 
 def table_b(name: str, result: dict[str, Any]) -> str:
     """Markdown table of task (b) for one model."""
-    headers = [
-        "method",
-        "fastif counterpart",
-        "time (s)",
-        "peer / fastif",
-        "mislabel AUC",
-        "found in top 10%",
-        "Pearson vs Exact",
-    ]
+    headers = [*RATIO_HEADERS, "mislabel AUC", "found in top 10%", "Pearson vs Exact"]
     rows = [
-        [
-            m,
-            r["counterpart"] if r["library"] != "fastif" else "",
-            r["median_seconds"],
-            r["ratio_to_counterpart"],
-            r["auc"],
-            r["found_at_10pct"],
-            r["pearson_vs_exact"],
-        ]
-        for m, r in result["methods"].items()
+        [*ratio_cells(m, r), r["auc"], r["found_at_10pct"], r["pearson_vs_exact"]] for m, r in result["methods"].items()
     ]
     return f"### (b) {name}, 10% flipped labels\n\n" + markdown_table(headers, rows)
 

@@ -86,7 +86,7 @@ class DigitsProblem:
                 flat_hessian(self.model, self.x_train, self.y_train, self.spec.l2)
             )
         chord_newton(model, x, y, self.spec.l2, self.info_cache["cholesky"])
-        if gradient_norm(model, x, y, self.spec.l2) > 1e-11:
+        if gradient_norm(model, x, y, self.spec.l2) > 1e-10:
             fit(model, x, y, self.spec.l2, warm=True)
         return model
 
@@ -215,7 +215,7 @@ def newton_polish(model: nn.Module, x: Tensor, y: Tensor, l2: float, steps: int 
     _load(model, theta)
 
 
-def chord_newton(model: nn.Module, x: Tensor, y: Tensor, l2: float, cholesky: Tensor, steps: int = 30) -> None:
+def chord_newton(model: nn.Module, x: Tensor, y: Tensor, l2: float, cholesky: Tensor, steps: int = 50) -> None:
     """Newton steps with a fixed (base-model) Hessian factor: cheap, and fast to converge after a small change."""
     gradient_fn = torch.func.grad(_flat_objective(model, x, y, l2))
     theta = _flat(model)

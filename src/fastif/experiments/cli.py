@@ -43,6 +43,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="run these seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 10)")
     parser.add_argument("--groups", nargs="+", default=None, help="HANS heuristics / ANLI rounds to anchor on")
+    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 1e-4)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke setting (1 seed, tiny sizes)")
     parser.add_argument("--output", type=Path, default=None, help="results folder (default experiment-results/...)")
     parser.add_argument(
@@ -67,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         "seeds": (args.seed,) if args.seed is not None else tuple(args.seeds) if args.seeds else None,
         "steps": args.steps,
         "groups": tuple(args.groups) if args.groups else None,
+        "lr": args.lr,
     }
     return replace(config, **{key: value for key, value in overrides.items() if value is not None})
 

@@ -44,8 +44,8 @@ class SplitConfig:
     seed: int = 0
     anchor_fraction: float = 0.5
     pool_fraction: float = 0.0
-    anchor_pool: int = 300
-    eval_size: int = 600
+    anchor_pool: int = 1000
+    eval_size: int = 0
 
     def __post_init__(self) -> None:
         if not (0 < self.anchor_fraction < 1 and 0 <= self.pool_fraction < 1):
@@ -72,7 +72,7 @@ class ExperimentConfig:
 
     experiment: Experiment = "correct"
     task: Task = "hans"
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     modes: tuple[str, ...] = MODES
     groups: tuple[str, ...] = HANS_HEURISTICS
     steps: int = 10
@@ -86,7 +86,7 @@ class ExperimentConfig:
     pool_size: int = 0
     max_length: int = 128
     lissa: LiSSAConfig = field(
-        default_factory=lambda: LiSSAConfig(damping=0.3, depth=1000, repeats=1, batch_size=8, tail_average=0.5)
+        default_factory=lambda: LiSSAConfig(damping=0.3, depth=300, repeats=1, batch_size=32, tail_average=0.5)
     )
     split: SplitConfig = field(default_factory=SplitConfig)
 

@@ -66,7 +66,7 @@ class Setup:
     anchors: dict[str, HiddenStateData]
     anchor_records: dict[str, list[NLIRecord]]
     anchor_features: dict[str, Tensor]
-    test: dict[str, HiddenStateData]
+    test: dict[str, list[tuple[tuple[Tensor, Tensor], Tensor]]]
     index: CandidateIndex
     lissa: LiSSAConfig
     info: dict[str, Any]
@@ -125,7 +125,7 @@ def prepare(config: ExperimentConfig, factory: ModelFactory, progress: Progress,
     else:
         hessian_data, pool = encode(mnli[: config.hessian_size]), encode(pool_records)
     anchors = {group: encode(split.anchors[group]) for group in config.groups}
-    test = {group: encode(split.test[group]) for group in config.groups}
+    test = {group: collate(encode(split.test[group])) for group in config.groups}
     progress("building the kNN index over the pool's features; fixing LiSSA's scale")
     index = CandidateIndex.build(compute_features(adapter, pool), CandidateConfig())
     anchor_features = {group: compute_features(adapter, data) for group, data in anchors.items()}
@@ -162,18 +162,20 @@ def anchor_schedule(size: int, anchors: int, steps: int, seed: int, group_index:
     return schedule
 
 
-def evaluate(adapter: TorchAdapter, data: HiddenStateData, batch_size: int = 128) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the current model on cached data."""
+def collate(data: HiddenStateData, batch_size: int = 256) -> list[tuple[tuple[Tensor, Tensor], Tensor]]:
+    """``data`` as a list of padded batches, sorted by length (built once, evaluated after every step)."""
     order = sorted(range(len(data)), key=lambda i: data.states[i].shape[0])
-    logits = torch.empty(len(data), adapter.model.classifier.out_features)
+    return [data.batch(order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
+
+
+def evaluate(model: nn.Module, batches: Sequence[tuple[tuple[Tensor, Tensor], Tensor]]) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the current top layers on pre-collated batches."""
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            inputs, _ = data.batch(chunk)
-            logits[chunk] = adapter.model(*inputs)
+        logits = torch.cat([model(*inputs) for inputs, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
     return {
-        "accuracy": float((logits.argmax(-1) == data.labels).float().mean()),
-        "loss": float(nn.functional.cross_entropy(logits, data.labels)),
+        "accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "loss": float(nn.functional.cross_entropy(logits, labels)),
     }
 
 
@@ -229,7 +231,7 @@ def _solve_summary(info: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_all(setup: Setup) -> dict[str, dict[str, float]]:
     """Accuracy and loss on every group's test sample at the current parameters."""
-    return {group: evaluate(setup.adapter, data) for group, data in setup.test.items()}
+    return {group: evaluate(setup.top, batches) for group, batches in setup.test.items()}
 
 
 def run_one(setup: Setup, group: str, mode: str, seed: int) -> dict[str, Any]:

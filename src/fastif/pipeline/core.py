@@ -317,27 +317,42 @@ class Pipeline:
         return min(workers, repeats), repeats
 
     def solve(self, vectors: Tensor) -> tuple[SolveResult, dict[str, Any]]:
-        """s_test for the rows of ``vectors`` and how it ran; parallel LiSSA chains when there are workers."""
-        stage, train = self.config.solver, self.train
+        """s_test for the rows of ``vectors`` and how it ran; parallel LiSSA chains when there are workers.
+
+        The solver's warnings (e.g. a chain that has not settled) go into the returned run info, so the CLI can
+        print them after the tables instead of in the middle of a progress bar.
+        """
         workers, repeats = self._workers()
-        typed = solver_config(stage, self.config.seed, repeats)
-        run = {"method": stage.method, "workers": workers, "repeats": repeats if stage.method == "lissa" else None}
-        with self.stage("s_test"):
-            if workers > 1:
+        typed = solver_config(self.config.solver, self.config.seed, repeats)
+        run: dict[str, Any] = {"method": self.config.solver.method, "workers": workers}
+        run["repeats"] = repeats if self.config.solver.method == "lissa" else None
+        with self.stage("s_test"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = self._solve_parallel(typed, vectors, workers) if workers > 1 else self._solve_here(typed, vectors)
+        return result, {**run, "warnings": [str(warning.message) for warning in caught]}
 
-                def build(_device: torch.device) -> Problem:
-                    return Problem(self.adapter, train, stage.hessian_batch_size)
+    def _solve_parallel(self, typed: Any, vectors: Tensor, workers: int) -> SolveResult:
+        """LiSSA chains spread over ``workers`` local processes (``fastif.runner``)."""
+        train, batch_size = self.train, self.config.solver.hessian_batch_size
 
-                with Runner(build, RunnerConfig(backend="processes", workers=workers)) as runner:
-                    return runner.solve(typed, vectors), run
-            steps = stage.scale_samples * stage.power_iterations * (stage.scale is None) + repeats * stage.depth
-            bar = self._bar(total=steps if stage.method == "lissa" else None, desc="s_test", unit="hvp")
-            hessian = _ProgressHessian(self.adapter, train, self.flat, stage.hessian_batch_size, bar=bar)
-            with warnings.catch_warnings(record=True) as caught:  # kept in the report, not printed mid-table
-                warnings.simplefilter("always")
-                result = solver_from_config(typed).fit(hessian).solve(vectors)
+        def build(_device: torch.device) -> Problem:
+            return Problem(self.adapter, train, batch_size)
+
+        with Runner(build, RunnerConfig(backend="processes", workers=workers)) as runner:
+            return runner.solve(typed, vectors)
+
+    def _solve_here(self, typed: Any, vectors: Tensor) -> SolveResult:
+        """Any solver in this process, with a progress bar over its Hessian-vector products."""
+        stage = self.config.solver
+        total = None
+        if stage.method == "lissa":
+            total = stage.scale_samples * stage.power_iterations * (stage.scale is None) + typed.repeats * stage.depth
+        bar = self._bar(total=total, desc="s_test", unit="hvp")
+        hessian = _ProgressHessian(self.adapter, self.train, self.flat, stage.hessian_batch_size, bar=bar)
+        try:
+            return solver_from_config(typed).fit(hessian).solve(vectors)
+        finally:
             bar.close()
-            return result, {**run, "warnings": [str(warning.message) for warning in caught]}
 
     # ------------------------------------------------------------------------------------------ explain
 
