@@ -84,7 +84,8 @@ def test_run_json_round_trip_and_report(tiny_run, tmp_path: Path) -> None:
     assert all(path.parent == tmp_path / "run" / "report" for path in paths.values())
     stats = json.loads(paths["stats"].read_text(), parse_constant=lambda name: pytest.fail(name))
     assert stats["all_candidate_edges"]["n_edges"] == int((run.scores != 0).sum())
-    assert stats["displayed_edges"]["top_per_sign"] == 2 and stats["meta"] == {"note": "tiny"}
+    assert stats["displayed_edges"]["top_per_sign"] == 2 and stats["meta"]["note"] == "tiny"
+    assert set(stats["meta"]["solves"]) == {"A", "B"}
 
 
 def test_statistics_over_all_candidates_are_not_balanced() -> None:

@@ -233,7 +233,7 @@ def captum_tracincp(problem: NLIProblem, settings: NLISettings) -> Found:
             loss_fn=nn.CrossEntropyLoss(reduction="sum"),
             sample_wise_grads_per_batch=True,
         )
-        matrix = tracin.influence(next(iter(tuple_loader(problem.test, None, len(problem.test)))))
+        matrix = tracin.influence(tuple(next(iter(tuple_loader(problem.test, None, len(problem.test))))))
     found.scored, found.scores = full_rows(matrix, subset)
     return found.finish(settings.k)
 
@@ -261,7 +261,7 @@ def captum_arnoldi(problem: NLIProblem, settings: NLISettings) -> Found:
             hessian_reg=len(pool) * problem.shift,  # summed-loss Hessian over the pool
         )
     with found.stage("scores (per-example gradients)"):
-        matrix = influence.influence(next(iter(tuple_loader(problem.test, None, len(problem.test)))))
+        matrix = influence.influence(tuple(next(iter(tuple_loader(problem.test, None, len(problem.test))))))
     found.scored, found.scores = full_rows(matrix * len(pool), subset)  # back to a mean-loss Hessian's scale
     return found.finish(settings.k)
 
@@ -317,6 +317,9 @@ def dattri_attributor(kind: str, problem: NLIProblem, settings: NLISettings):
         )
     pool = random_subset(problem, settings.hessian_pool, seed=2)
     attributor.cache(tuple_loader(problem.train, pool, len(pool)))  # dattri needs the pool as one batch
+    if kind == "arnoldi":  # its projector runs the Arnoldi iteration lazily, on first use: run it now
+        size = sum(dict(task.model.named_parameters())[name].numel() for name in PARAMETER_NAMES)
+        attributor.arnoldi_projectors[0](torch.zeros(1, size))
     return attributor
 
 
@@ -328,7 +331,7 @@ def dattri_method(kind: str, label: str) -> Callable[[NLIProblem, NLISettings], 
         scaling = "scores (gradients; CG/LiSSA re-solve per training batch)"
         found = Found(f"dattri {label}", scaling_stages=(scaling,))
         found.fraction = len(subset) / len(problem.train)
-        with found.stage("cache (Hessian pool; Arnoldi iteration)"):
+        with found.stage("cache (Hessian pool; Arnoldi: the iteration)"):
             attributor = dattri_attributor(kind, problem, settings)
         with found.stage(scaling):
             matrix = attributor.attribute(

@@ -110,13 +110,14 @@ def pad_collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return batch
 
 
-def tuple_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, token_type_ids, labels)``: the positional form captum and dattri take."""
-    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"]
+def tuple_batch(batch: dict[str, Tensor]) -> list[Tensor]:
+    """``[input_ids, attention_mask, token_type_ids, labels]``: the positional form captum and dattri take (a list:
+    dattri's Arnoldi cache assigns into it)."""
+    return [batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"]]
 
 
 def tuple_loader(data: TextPairData, indices: Sequence[int] | None, batch_size: int) -> DataLoader:
-    """Batches of ``indices`` (in order) as padded tuples, labels last."""
+    """Batches of ``indices`` (in order) as padded positional lists, labels last."""
     return DataLoader(
         Examples(data, indices), batch_size=batch_size, shuffle=False, collate_fn=lambda b: tuple_batch(pad_collate(b))
     )

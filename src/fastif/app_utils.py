@@ -20,12 +20,14 @@ from .scores import score_matrix
 
 
 class Subset:
-    """A view of examples ``indices`` of ``data`` (in that order), keeping ``lengths`` and ``texts`` if present."""
+    """A view of examples ``indices`` of ``data`` (in that order), keeping ``lengths``, ``label_names`` and
+    ``texts`` when the parent has them."""
 
     def __init__(self, data: Dataset, indices: Sequence[int]) -> None:
         self.data, self.indices = data, [int(i) for i in indices]
         lengths = getattr(data, "lengths", None)
         self.lengths = None if lengths is None else [lengths[i] for i in self.indices]
+        self.label_names = getattr(data, "label_names", None)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -47,6 +49,7 @@ class Relabelled:
             raise DataError(f"need one label per example: {len(labels)} labels for {len(data)} examples")
         self.data, self.labels = data, torch.as_tensor(labels, dtype=torch.long)
         self.lengths = getattr(data, "lengths", None)
+        self.label_names = getattr(data, "label_names", None)
 
     def __len__(self) -> int:
         return len(self.data)

@@ -80,8 +80,8 @@ class SimulatabilityConfig:
     l2: float = 1e-3
     l2_exclude: tuple[str, ...] = ("*bias", "*LayerNorm*")
     solver: Literal["lissa", "identity"] = "lissa"
-    damping: float = 1.0
-    lissa_depth: int = 50
+    damping: float = 3.0
+    lissa_depth: int = 60
     lissa_batch_size: int = 2
     lissa_scale_samples: int = 4
     lissa_power_iterations: int = 10

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +29,7 @@ from torch.func import grad
 from ..adapters import TorchAdapter
 from ..candidates import CandidateConfig, CandidateIndex, compute_features
 from ..config import config_to_dict
-from ..errors import DataError
+from ..errors import DataError, SolverError
 from ..hvp import Hessian
 from ..influence import Influence, top_k_from_scores
 from ..nli_data import NLIRecord, TextPairData, nli_label_scheme
@@ -194,14 +195,38 @@ def sgd_step(adapter: TorchAdapter, data: HiddenStateData, lr: float) -> None:
     adapter.load_flat_params(flat - lr * gradient)
 
 
+DAMPING_RETRIES = 6
+"""How often :func:`damped_s_test` doubles the damping after LiSSA diverges before giving up."""
+
+
+def damped_s_test(setup: Setup, anchors: HiddenStateData, lissa_seed: int) -> tuple[Influence, Tensor, dict]:
+    """s_test of the anchors' mean loss at the current parameters, doubling the damping while LiSSA diverges.
+
+    As the model moves, the Hessian can become more indefinite than at the start (where the damping was chosen),
+    so a diverging chain is retried with twice the damping (and the scale raised to match); the damping used is
+    recorded with the step.
+    """
+    lissa = replace(setup.lissa, seed=lissa_seed)
+    for attempt in range(DAMPING_RETRIES + 1):
+        influence = Influence(setup.adapter, setup.hessian_data, solver=LiSSA(lissa))
+        try:
+            with warnings.catch_warnings():  # an unsettled chain is recorded per step (converged), not printed
+                warnings.filterwarnings("ignore", "LiSSA has not settled", RuntimeWarning)
+                s_test = influence.s_test(anchors, group=True)
+            return influence, s_test, {**_solve_summary(influence.last_solve), "damping": lissa.damping}
+        except SolverError:
+            if attempt == DAMPING_RETRIES:
+                raise
+            lissa = replace(lissa, damping=2 * lissa.damping, scale=float(lissa.scale or 0.0) + 1.5 * lissa.damping)
+    raise SolverError("unreachable: the last attempt returns or raises")
+
+
 def influence_top(setup: Setup, anchors: HiddenStateData, neighbours: np.ndarray, lissa_seed: int):
     """FastIF's steps 2-3 at the current parameters: s_test of the anchors' mean loss, scores of the neighbours."""
-    config = setup.config
-    influence = Influence(setup.adapter, setup.hessian_data, solver=LiSSA(replace(setup.lissa, seed=lissa_seed)))
-    s_test = influence.s_test(anchors, group=True)
+    influence, s_test, solve = damped_s_test(setup, anchors, lissa_seed)
     ordered = sorted(neighbours.tolist(), key=lambda i: setup.pool.states[i].shape[0])  # less padding
     scores = score_matrix(setup.adapter, influence.flat, s_test, setup.pool, ordered, ScoreConfig())
-    return top_k_from_scores(scores, config.selected, ordered), influence.last_solve
+    return top_k_from_scores(scores, setup.config.selected, ordered), solve
 
 
 def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.ndarray, seeds: tuple[int, int]):
@@ -218,12 +243,15 @@ def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.nda
         top.harmful_indices, top.harmful_scores
     )  # fmt: skip
     chosen = indices[0].tolist()
-    return setup.pool.subset(chosen), chosen, scores[0].tolist(), _solve_summary(solve)
+    return setup.pool.subset(chosen), chosen, scores[0].tolist(), solve
 
 
 def _solve_summary(info: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-friendly scalars of a solver's diagnostics (traces dropped)."""
-    return {key: value for key, value in info.items() if isinstance(value, int | float | bool | str)}
+    """The JSON-friendly scalars of a solver's diagnostics (traces dropped; the chains' largest late growth kept)."""
+    summary = {key: value for key, value in info.items() if isinstance(value, int | float | bool | str)}
+    if info.get("late_growth"):
+        summary["late_growth"] = max(float(value) for value in info["late_growth"])
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -93,6 +93,15 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     lines += ["", "Change of the anchors' own mean loss over one step (all steps, groups and seeds):", ""]
     lines += ["| " + " | ".join(modes) + " |", "|" + "---|" * len(modes)]
     lines.append("| " + " | ".join(f"{loss[m]['mean']:+.2e} ± {loss[m]['sd']:.1e}" for m in modes) + " |")
+    solves = [s["solver"] for run in results["runs"] for s in run["steps"] if s["solver"]]
+    if solves:
+        settled = sum(bool(solve.get("converged")) for solve in solves)
+        growth = sorted(float(solve.get("late_growth", 0.0)) for solve in solves)
+        lines += [
+            "",
+            f"LiSSA: {settled}/{len(solves)} s_test chains settled by the library's check (late-quarter growth of "
+            f"‖h‖ < 5%); median late growth {100 * growth[len(growth) // 2]:.1f}%, max {100 * growth[-1]:.1f}%.",
+        ]
     lines += [
         "",
         f"Wall time {environment['wall_seconds'] / 60:.1f} min (setup {results['setup']['setup_seconds']:.0f} s) "

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,13 +148,15 @@ def compute_run(
         raise DataError("give at least one group of test points")
     influence.build_index(cached_candidate_index(influence.adapter, influence.train, index_cache))
     tests: list[TestPoint] = []
-    candidates, scores = [], []
+    candidates, scores, solves = [], [], {}
     for group, data in groups.items():
         tests += group_test_points(influence, group, data)
         group_candidates, group_scores = candidate_scores(influence, data, k)
         candidates.append(group_candidates)
         scores.append(group_scores)
-    return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), dict(meta or {}))
+        solves[group] = {key: value for key, value in influence.last_solve.items() if not hasattr(value, "shape")}
+    info = {**dict(meta or {}), "solves": json_safe(solves)}
+    return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), info)
 
 
 def _collect(
@@ -204,17 +207,18 @@ def rank_correlations(graph: InfluenceGraph) -> list[dict[str, Any]]:
     return results
 
 
-def mean_score_by_group(run: InfluenceRun) -> dict[str, dict[str, float]]:
-    """Mean and median candidate score per group, and the share of test points that are mispredicted."""
+def mean_score_by_group(run: InfluenceRun) -> dict[str, dict[str, Any]]:
+    """Per group: mean and median candidate score, the share of mispredicted test points and their gold labels."""
     result = {}
     for group in dict.fromkeys(point.group for point in run.test_points):
         rows = [i for i, point in enumerate(run.test_points) if point.group == group]
         values = run.scores[rows]
-        wrong = [run.test_points[i].gold != run.test_points[i].predicted for i in rows]
+        points = [run.test_points[i] for i in rows]
         result[group] = {
             "mean": float(values.mean()),
             "median": float(np.median(values)),
-            "share_wrongly_predicted": float(np.mean(wrong)),
+            "share_wrongly_predicted": float(np.mean([point.gold != point.predicted for point in points])),
+            "gold_labels": dict(Counter(point.gold for point in points)),
         }
     return result
 

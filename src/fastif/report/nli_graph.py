@@ -48,8 +48,8 @@ class NLIGraphConfig:
     params: tuple[str, ...] = ("bert.encoder.layer.5", "bert.pooler", "classifier")
     l2: float = 1e-3
     l2_exclude: tuple[str, ...] = ("*bias", "*LayerNorm*")
-    damping: float = 1.0
-    lissa_depth: int = 50
+    damping: float = 3.0
+    lissa_depth: int = 60
     lissa_batch_size: int = 2
     lissa_scale_samples: int = 4
     lissa_power_iterations: int = 10
@@ -121,9 +121,7 @@ def build_nli_run(config: NLIGraphConfig, log: Callable[[str], None] | None = No
     influence = Influence(adapter, train, _solver(config), ScoreConfig(batch_size=config.batch_size), config.batch_size)
     meta = {"config": config_to_dict(config), "model": {"path": str(trained.path), "metrics": trained.metrics}}
     run = compute_run(influence, groups, config.candidates, index_cache_folder(trained.path, len(train)), meta)
-    solve = {key: value for key, value in influence.last_solve.items() if key != "norm_trace"}
     run.meta.update(
-        solve=solve,
         num_params=adapter.num_params,
         seconds=round(time.perf_counter() - start, 1),
         machine={"start": start_machine, "end": machine_info()},
