@@ -83,7 +83,34 @@ def test_cg_that_runs_out_of_iterations_warns_and_reports_non_convergence():
     influence = fastif.Influence(_linear(), data, fastif.CG(damping=1e-3, max_iterations=1, tolerance=1e-14))
     with pytest.warns(RuntimeWarning, match="raise max_iterations"):
         influence.s_test(data)
-    assert influence.last_solve["converged"] is False
+    info = influence.last_solve
+    assert info["converged"] is False and info["iterations"] == len(info["residual_trace"]) == 1
+    assert info["residual_trace"][0] > 1e-14
+
+
+def test_cg_whose_hessian_products_turn_nan_stops_at_once_with_the_fix():
+    x, y = _data()
+    x[4] = 1e30  # a finite input whose loss curvature overflows to NaN
+    adapter = fastif.TorchAdapter(nn.Linear(3, 2), lambda out, t: torch.exp(out).sum(1) * torch.exp(-out).sum(1))
+    influence = fastif.Influence(adapter, (x, y), fastif.CG(damping=1.0))
+    with pytest.raises(SolverError, match=r"CG diverged at iteration 1: the residual is nan.*increase damping"):
+        influence.s_test((x[:2], y[:2]))
+
+
+def test_cg_without_iterations_is_refused():
+    with pytest.raises(SolverError, match="max_iterations must be at least 1, got 0"):
+        fastif.Influence(_linear(), _data(), fastif.CG(max_iterations=0)).fit()
+
+
+def test_lissa_that_has_not_settled_warns_and_reports_its_norm_traces():
+    adapter = _linear()  # seeds the data too
+    data = _data(n=20)
+    influence = fastif.Influence(adapter, data, fastif.LiSSA(depth=8, repeats=2, damping=1e-3))
+    with pytest.warns(RuntimeWarning, match="LiSSA has not settled.*Raise depth"):
+        influence.s_test(data)
+    info = influence.last_solve
+    assert info["converged"] is False and max(info["late_growth"]) >= 0.05
+    assert info["norm_trace"].shape == (2, 8) and bool(torch.isfinite(info["norm_trace"]).all())
 
 
 def test_lissa_reports_nan_as_divergence():

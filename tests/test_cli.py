@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_pipeline import make_checkpoint, write_jsonl
+from test_report_run import _pipeline_report
 
-from fastif.cli import run
+from fastif.cli import run, run_command, stop_on_sigterm
+from fastif.errors import OutputError
+from fastif.files import check_writable
 from fastif.nli import load_embedded
 from fastif.pipeline import PipelineConfig
 
@@ -98,6 +103,93 @@ def test_errors_in_a_subprocess_print_no_traceback(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "train_size" in result.stderr
+
+
+def must_not_run(*args, **kwargs):
+    """Stands in for a command's expensive step (training, indexing, a whole experiment)."""
+    raise AssertionError("the expensive step ran although the output folder is unwritable")
+
+
+# command line (BLOCKED: a folder under a regular file), the expensive step it must not reach, the option named
+UNWRITABLE = [
+    (["demo", "--output", "BLOCKED"], "fastif.pipeline.Pipeline", "--output"),
+    (["influence", "--output", "BLOCKED"], "fastif.pipeline.Pipeline", "--output"),
+    (["influence", "--output", "OK", "--index-dir", "BLOCKED"], "fastif.pipeline.Pipeline", "--index-dir"),
+    (["index", "--output", "BLOCKED"], "fastif.pipeline.Pipeline", "--output"),
+    (["train", "--output", "BLOCKED"], "fastif.nli_model.train_nli_classifier", "--output"),
+    (["bench", "--output", "BLOCKED"], "fastif.pipeline.bench.run_bench", "--output"),
+    (["example", "--output", "BLOCKED"], "fastif.tabular.run_tabular", "--output"),
+    (["experiment", "correct", "--quick", "--output", "BLOCKED"], "fastif.experiments.finetune.run_experiment",
+     "--output"),
+    (["experiment", "augment", "--quick", "--output", "OK", "--cache-dir", "BLOCKED"],
+     "fastif.experiments.finetune.run_experiment", "--cache-dir"),
+    (["experiment", "simulatability", "--output", "BLOCKED"], "fastif.simulatability.run_nli_simulatability",
+     "--output"),
+    (["experiment", "influence-graph", "--output", "BLOCKED"], "fastif.report.nli_graph.build_nli_run", "--output"),
+    (["report", "RUN", "--output", "BLOCKED"], "fastif.report.from_run.write_report", "--output"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "expensive", "option"), UNWRITABLE, ids=[" ".join(case[0][:2]) for case in UNWRITABLE]
+)
+def test_an_unwritable_output_folder_is_refused_before_any_work(argv, expensive, option, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    blocked = tmp_path / "file" / "out"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "influence.json").write_text(json.dumps(_pipeline_report()))
+    paths = {"BLOCKED": blocked, "OK": tmp_path / "ok", "RUN": tmp_path / "run"}
+    monkeypatch.setattr(expensive, must_not_run)
+    assert run([str(paths.get(arg, arg)) for arg in argv]) == 2
+    error = one_line_error(capsys)
+    assert f"cannot create the {option} folder {blocked}: {tmp_path / 'file'} is not a folder" in error
+    assert not (tmp_path / "ok").exists()  # nothing was created on the way
+
+
+def test_an_unwritable_model_cache_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "file"))
+    monkeypatch.setattr("fastif.nli_model._train", must_not_run)
+    assert run(["train", "--no-progress"]) == 2
+    error = one_line_error(capsys)
+    assert f"cannot create the model cache folder {tmp_path / 'file' / 'models'}" in error
+    assert error.endswith("set FASTIF_CACHE to a writable folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so chmod cannot block a write")
+def test_an_output_folder_under_a_read_only_parent_is_refused(tmp_path, monkeypatch, capsys):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    monkeypatch.setattr("fastif.tabular.run_tabular", must_not_run)
+    try:
+        assert run(["example", "--output", str(parent / "out")]) == 2
+    finally:
+        parent.chmod(0o755)
+    error = one_line_error(capsys)
+    assert f"cannot write to the --output folder {parent / 'out'}: {parent} is not writable" in error
+    assert error.endswith(f"choose another --output or make {parent} writable")
+
+
+def test_the_writability_check_creates_nothing_and_refuses_a_file(tmp_path):
+    assert check_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # not even a probe file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot create the --output folder .*file: .*file is not a folder"):
+        check_writable(tmp_path / "file")
+
+
+def test_sigterm_unwinds_like_ctrl_c_once_then_kills(capsys):
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        assert run_command(lambda: signal.raise_signal(signal.SIGTERM)) == 143
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM kills at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert run_command(lambda: signal.raise_signal(signal.SIGINT)) == 130
+    message = "fastif: interrupted by {}; finished work is kept, run the same command again to resume"
+    assert capsys.readouterr().err.splitlines() == [message.format("SIGTERM"), message.format("SIGINT")]
 
 
 def test_influence_on_a_users_checkpoint_and_jsonl_files(tiny, tmp_path, capsys):

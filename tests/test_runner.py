@@ -1,8 +1,11 @@
-"""Runner: serial, 2 local processes and 2 torchrun ranks agree; SIGKILL + restart recomputes only unfinished shards."""
+"""Runner: serial, 2 local processes and 2 torchrun ranks agree; SIGKILL, SIGINT, SIGTERM or an interrupt at any
+store write, then a restart, recompute only the unfinished shards and give identical scores."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import itertools
 import os
 import signal
 import socket
@@ -12,11 +15,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import fastif.files
+from fastif.cli import Interrupted
 from fastif.errors import ConfigError, DataError, ModelError, SolverError, StoreError
 from fastif.hvp import Hessian
 from fastif.runner import Runner, RunnerConfig
@@ -101,13 +109,21 @@ SCRIPT = """
 import sys
 import safetensors.torch
 from runner_problem import run_all
+from fastif.cli import run_command, stop_on_sigterm
 from fastif.runner import RunnerConfig
 
-backend, workers, output, *store = sys.argv[1:]  # with a store folder, scoring is slowed down (to be killed)
-config = RunnerConfig(backend=backend, workers=int(workers) or None, threads=1, shard_size=8)
-result, _ = run_all(config, store[0] if store else None, slow=bool(store))
-if result is not None:
-    safetensors.torch.save_file(result, output)
+
+def main():
+    backend, workers, output, *store = sys.argv[1:]  # with a store folder, scoring is slowed down (to be stopped)
+    config = RunnerConfig(backend=backend, workers=int(workers) or None, threads=1, shard_size=8)
+    result, _ = run_all(config, store[0] if store else None, slow=bool(store))
+    if result is not None:
+        safetensors.torch.save_file(result, output)
+    return 0
+
+
+stop_on_sigterm()  # as the fastif command does
+sys.exit(run_command(main))
 """
 
 SERIAL = RunnerConfig(threads=1, shard_size=8)
@@ -203,26 +219,37 @@ def processes_running(marker: str) -> list[int]:
     return found
 
 
-def test_sigkill_mid_run_then_restart_recomputes_only_unfinished_shards(problem, workdir, local_run, tmp_path):
-    folder = tmp_path / "killed-store"
-    command = [sys.executable, "script.py", "processes", "2", str(tmp_path / "unused"), str(folder)]
-    run = subprocess.Popen(command, cwd=workdir, env=ENV, stderr=subprocess.PIPE, text=True)
+def start_slow_run(workdir: Path, folder: Path) -> subprocess.Popen:
+    """Start the slowed-down two-process run on store ``folder`` in its own process group (as a shell starts a
+    command); return once two score shards are finished."""
+    command = [sys.executable, "script.py", "processes", "2", str(folder.with_name("unused")), str(folder)]
+    run = subprocess.Popen(command, cwd=workdir, env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(list(folder.glob("scores-*.json"))) < 2:
         assert run.poll() is None, run.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no shard finished in time"
         time.sleep(0.01)
-    run.send_signal(signal.SIGKILL)
-    run.wait(30)
-    run.stderr.close()
-    deadline = time.monotonic() + 10
-    while processes_running(str(folder)):  # its worker dies with it (PR_SET_PDEATHSIG)
-        assert time.monotonic() < deadline, "a worker outlived its killed parent"
-        time.sleep(0.05)
+    return run
+
+
+def assert_no_half_entries(folder: Path) -> None:
+    """No temporary file is left, and every data file has its sidecar (a finished entry) and vice versa."""
+    assert not list(folder.glob(".*.tmp"))
+    sidecars = {path.stem for path in folder.glob("*.json")} - {"manifest"}
+    assert {path.stem for path in folder.glob("*.safetensors")} == sidecars
+
+
+def finished_shards(folder: Path) -> tuple[dict[str, tuple[int, int]], list[int]]:
+    """The finished score shards' files (inode, mtime) and indices, checked to be some but not all of the 12."""
     before = finished_files(folder)
     done = sorted(int(name[len("scores-") :].split(".")[0]) for name in before if name.endswith(".json"))
     assert 2 <= len(done) < 12 and (folder / "s_test.json").exists()
+    return before, done
 
+
+def assert_resume_recomputes_only_the_rest(problem: ModuleType, folder: Path, local_run: tuple) -> None:
+    """Rerun on ``folder``: s_test and the finished shards are loaded untouched; scores equal an unbroken run's."""
+    before, done = finished_shards(folder)
     with Runner(problem.build, LOCAL) as runner, problem.open_store(folder, runner.problem) as store:
         lissa = runner.solve(problem.LISSA, problem.query_gradients(runner.problem), store)
         scores = runner.scores(lissa.x, None, store, score=problem.SCORE)
@@ -232,6 +259,87 @@ def test_sigkill_mid_run_then_restart_recomputes_only_unfinished_shards(problem,
     reference, _ = local_run
     assert torch.equal(scores, reference["scores"])
     assert torch.equal(lissa.x, reference["lissa"])
+
+
+def test_sigkill_mid_run_then_restart_recomputes_only_unfinished_shards(problem, workdir, local_run, tmp_path):
+    folder = tmp_path / "killed-store"
+    run = start_slow_run(workdir, folder)
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    run.stderr.close()
+    deadline = time.monotonic() + 10
+    while processes_running(str(folder)):  # its worker dies with it (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, "a worker outlived its killed parent"
+        time.sleep(0.05)
+    assert_resume_recomputes_only_the_rest(problem, folder, local_run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_mid_run_stop_cleanly_and_the_rerun_resumes(problem, workdir, local_run, tmp_path, signum):
+    folder = tmp_path / "stopped-store"
+    run = start_slow_run(workdir, folder)
+    if signum == signal.SIGINT:
+        os.killpg(run.pid, signum)  # Ctrl-C: the terminal signals the main rank and its worker alike
+    else:
+        run.send_signal(signum)  # `kill PID`: the main rank alone
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    message = f"fastif: interrupted by {signum.name}; finished work is kept, run the same command again to resume"
+    assert stderr.strip().splitlines()[-1] == message
+    assert not processes_running(str(folder))  # the main rank stopped its worker before exiting
+    assert_no_half_entries(folder)
+    assert_resume_recomputes_only_the_rest(problem, folder, local_run)
+
+
+@contextlib.contextmanager
+def interrupt_at_write(number: int, moment: str):
+    """Raise Interrupted (as SIGTERM does) at the store's atomic write ``number`` (data files and sidecars alike):
+    ``before`` it, ``during`` it (its temporary file written, not renamed) or ``after`` its rename."""
+    real, count = fastif.files.atomic_write, itertools.count()
+
+    def stop() -> None:
+        raise Interrupted(signal.SIGTERM)
+
+    def atomic_write(path, write):
+        if next(count) != number:
+            return real(path, write)
+        if moment == "before":
+            stop()
+
+        def write_then_stop(tmp):
+            write(tmp)
+            stop()
+
+        real(path, write_then_stop if moment == "during" else write)
+        stop()
+
+    with mock.patch("fastif.store.atomic_write", atomic_write), mock.patch("fastif.files.atomic_write", atomic_write):
+        yield
+
+
+@settings(max_examples=20, deadline=None)
+@given(number=st.integers(0, 23), moment=st.sampled_from(["before", "during", "after"]))
+def test_an_interrupt_at_any_store_write_then_resume_gives_identical_scores(
+    problem, serial, tmp_path_factory, number, moment
+):
+    folder = tmp_path_factory.mktemp("interrupted")
+    with (
+        Runner(problem.build, SERIAL) as runner,
+        problem.open_store(folder, runner.problem) as store,
+        interrupt_at_write(number, moment),
+        pytest.raises(Interrupted),
+    ):
+        runner.scores(serial["lissa"], None, store, score=problem.SCORE)
+    assert_no_half_entries(folder)
+    before = finished_files(folder)
+    finished = number // 2 + (number % 2 == 1 and moment == "after")  # writes 2i, 2i + 1: shard i's data, sidecar
+    with Runner(problem.build, SERIAL) as runner, problem.open_store(folder, runner.problem) as store:
+        assert store.completed_shards("scores") == list(range(finished))
+        scores = runner.scores(serial["lissa"], None, store, score=problem.SCORE)
+        assert runner.last_run == {"shards": 12, "loaded": list(range(finished)), "computed": list(range(finished, 12))}
+    assert finished_files(folder).items() >= before.items()
+    assert torch.equal(scores, serial["scores"])
 
 
 def test_errors_reach_the_caller_and_the_local_runner_survives(problem, serial):

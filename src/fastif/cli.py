@@ -1,5 +1,6 @@
 """The ``fastif`` command line. User errors print one line naming the problem and the fix, and exit with code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Ctrl-C and SIGTERM stop a run cleanly (workers closed, store locks released,
+no temporary files left, finished work kept), print one line and exit with 128 + the signal number (130, 143).
 
 Every pipeline option is a field of :class:`~fastif.pipeline.PipelineConfig`: ``--config FILE`` (TOML, YAML or
 JSON) sets any of them, and options given on the command line override the file.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,11 +21,13 @@ from typing import Any
 
 from .errors import ConfigError, FastIFError
 from .experiments.cli import add_experiment_commands
+from .files import check_writable
 from .report.from_run import add_report_command
 from .report.nli_graph import add_graph_command
 from .simulatability import add_simulatability_command
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128  # plus the signal number, as shells report a process killed by it: 130 SIGINT, 143 SIGTERM
 DEMO_FOLDER = "fastif-results/demo"
 KEY_PREFIX = "cfg:"
 
@@ -269,6 +273,8 @@ def _example(args: argparse.Namespace) -> int:
     from .tabular import TabularConfig, format_tabular, run_tabular
 
     config = TabularConfig(dataset=args.dataset, solver=args.solver, k=args.k, seed=args.seed)
+    if args.output is not None:
+        check_writable(args.output)
     report = run_tabular(config)
     print(format_tabular(report))
     if args.output is not None:
@@ -314,12 +320,20 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
     return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
 
 
+def _check_outputs(config: Any, index: bool) -> None:
+    """Refuse an unwritable results folder (and index folder, when the index is used) before any model or index work."""
+    check_writable(config.output.folder)
+    if index:
+        check_writable(config.output.index_path, "--index-dir")
+
+
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
     """Shared body of ``demo`` and ``influence``: load, index, explain, print, write."""
     from .pipeline import Pipeline, format_timings, print_report, write_results
 
     start = time.perf_counter()
     config = _pipeline_config(args, defaults)
+    _check_outputs(config, index=config.candidates.k is not None)
     if intro:
         print(intro)
     pipeline = Pipeline(config)
@@ -355,6 +369,7 @@ def _index(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     config = _pipeline_config(args)
+    _check_outputs(config, index=True)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
     pipeline.index  # noqa: B018 - builds or loads the index
@@ -364,10 +379,15 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_copy_target(target: Path) -> None:
+    """Refuse a ``train --output`` folder that cannot be written or is not empty, before training starts."""
+    check_writable(target)
+    if target.is_dir() and any(target.iterdir()):
+        raise ConfigError(f"{target} exists and is not empty; choose another --output or remove it")
+
+
 def _copy_model(source: Path, target: Path) -> None:
     """Copy a trained model folder to ``target`` through a temporary sibling, so ``target`` is never half-written."""
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(f"{target} exists and is not empty; choose another --output or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -384,6 +404,8 @@ def _train(args: argparse.Namespace) -> int:
     from .nli_model import train_nli_classifier
 
     config = _pipeline_config(args)
+    if args.output is not None:
+        _check_copy_target(args.output)
     trained = train_nli_classifier(config.model.recipe, progress=config.output.progress)
     labels = [trained.model.config.id2label[i] for i in range(trained.model.config.num_labels)]
     info = {"source": "embedded recipe", "path": str(trained.path), "from_cache": trained.from_cache}
@@ -400,6 +422,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .pipeline.bench import format_bench, run_bench
 
     config = _pipeline_config(args)
+    if args.output is not None:
+        check_writable(args.output)
     results = run_bench(config, examples=args.examples, steps=args.steps)
     print(format_bench(results))
     if args.output is not None:
@@ -470,23 +494,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
-    args = build_parser().parse_args(argv)
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM) raised as a KeyboardInterrupt, so the run unwinds exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    """Signal handler: restore the default action, so a second SIGTERM kills at once, and unwind the run."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop a run as Ctrl-C does: runners stop their workers, stores release their locks and half-written
+    files are removed, while finished store entries stay for the rerun to load."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+
+
+def run_command(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a command the CLI's way: a FastIFError prints one line and gives 2 (``debug`` re-raises it); Ctrl-C or
+    SIGTERM print one line and give 128 + the signal number."""
     try:
-        return args.handler(args)
+        return command()
     except FastIFError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"fastif: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fastif: interrupted; finished results were kept and the run can be resumed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(
+            f"fastif: interrupted by {signal.Signals(signum).name}; finished work is kept, run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED + signum
+
+
+def run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.handler(args), args.debug)
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; SIGTERM stops the run as Ctrl-C does."""
+    stop_on_sigterm()
     sys.exit(run(sys.argv[1:]))
 
 

@@ -25,3 +25,7 @@ class SolverError(FastIFError, RuntimeError):
 
 class StoreError(FastIFError, RuntimeError):
     """An on-disk store is corrupt, locked, or belongs to another model or dataset."""
+
+
+class OutputError(FastIFError, RuntimeError):
+    """An output or cache folder cannot be created or written (checked before any long computation)."""

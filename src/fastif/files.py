@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename over the target."""
+"""Atomic file writes (write to a temporary file in the same folder, fsync, then rename over the target), and the
+up-front check that an output folder can be written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
@@ -40,3 +43,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_writable(folder: str | os.PathLike[str], what: str = "--output", fix: str = "") -> Path:
+    """Refuse a ``folder`` that cannot be created or written, so a long run cannot fail at its first write.
+
+    Creates nothing: it opens a nameless temporary file in the nearest existing ancestor. ``what`` names the option
+    (or folder) in the OutputError, ``fix`` replaces the default advice "choose another ``what``".
+    """
+    target = Path(folder)
+    existing = next(path for path in (target, *target.parents) if os.path.lexists(path))
+    fix = fix or f"choose another {what}"
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the {what} folder {target}: {existing} is not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"cannot write to the {what} folder {target}: {existing} is not writable ({err.strerror}); {fix} "
+            f"or make {existing} writable"
+        ) from err
+    return target

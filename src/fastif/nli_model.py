@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .config import config_from_dict, config_to_dict, save_config
 from .data import iter_batches
 from .errors import ConfigError, ModelError, StoreError
-from .files import atomic_write_json
+from .files import atomic_write_json, check_writable
 from .nli_data import NLIRecord, TextPairData, load_embedded, nli_label_scheme, records_fingerprint
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -456,6 +456,7 @@ def train_nli_classifier(
     path = Path(cache_dir or default_cache_dir()) / recipe_fingerprint(config, train + validation)
     if (path / METRICS_FILE).is_file():
         return load_trained(path)
+    check_writable(path.parent, "model cache", "set FASTIF_CACHE to a writable folder")
     model, tokenizer, metrics = _train(config, train, validation, progress)
     _save_atomically(path, model, tokenizer, config, metrics)
     return TrainedModel(model, tokenizer, config, metrics, path, from_cache=False)

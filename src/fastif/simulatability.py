@@ -43,7 +43,7 @@ from .app_utils import (
 from .config import config_to_dict, save_config
 from .data import Dataset, index_chunks
 from .errors import ConfigError, DataError
-from .files import atomic_write_json
+from .files import atomic_write_json, check_writable
 from .grads import dataset_grads
 from .influence import Influence, TopK
 from .scores import ScoreConfig
@@ -628,6 +628,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatabilityConfig:
 def _simulatability_command(args: argparse.Namespace) -> int:
     """CLI handler: run the experiment, write its files and print the headline numbers."""
     config = config_from_args(args)
+    check_writable(args.output)
     result = run_nli_simulatability(config, log=lambda message: print(message, flush=True))
     paths = write_simulatability(result, args.output, config)
     print(format_headline(result))

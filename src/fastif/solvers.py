@@ -123,6 +123,15 @@ class CGConfig:
     tolerance: float = 1e-8
 
 
+def _check_cg_residual(trace: list[float], damping: float) -> None:
+    """Stop CG at once when its residual turns NaN or Inf (a NaN compares as converged and would end it silently)."""
+    if not math.isfinite(trace[-1]):
+        raise SolverError(
+            f"CG diverged at iteration {len(trace)}: the residual is {trace[-1]}, so the Hessian-vector products are "
+            f"not finite; check the model's training loss for NaN/Inf, or increase damping (now {damping})"
+        )
+
+
 class CG(Solver):
     """Conjugate gradients, vectorised over the rows of ``vectors``; reports the residual trace."""
 
@@ -130,6 +139,8 @@ class CG(Solver):
 
     def fit(self, hessian: Hessian) -> CG:
         _check_damping(self.config.damping)
+        if self.config.max_iterations < 1:
+            raise SolverError(f"CG max_iterations must be at least 1, got {self.config.max_iterations}")
         return super().fit(hessian)  # type: ignore[return-value]
 
     def solve(self, vectors: Tensor) -> SolveResult:
@@ -160,6 +171,7 @@ class CG(Solver):
             )
             squared = new_squared
             trace.append(float((squared.sqrt() / norms).max()))
+            _check_cg_residual(trace, config.damping)
         converged = bool((squared.sqrt() / norms <= config.tolerance).all())
         if not converged:
             warnings.warn(

@@ -324,7 +324,7 @@ class Store:
         meta: Mapping[str, Any] | None,
         write: Callable[[str], None],
     ) -> None:
-        """Drop any old entry, write the data file atomically, then its sidecar; on failure leave no entry behind."""
+        """Drop any old entry, write the data file atomically, then its sidecar; a failure leaves no half entry."""
         if self._closed:
             raise StoreError(f"the store in {self.folder} is closed; open it again to write")
         sidecar, stem = self._paths(name)
@@ -341,8 +341,11 @@ class Store:
             atomic_write(data, write_and_hash)
             record = {"name": name, "file": data.name, "kind": kind, "tensors": specs, "meta": meta, **digest}
             atomic_write_json(sidecar, record)
-        except (OSError, SafetensorError) as err:
-            data.unlink(missing_ok=True)
+        except BaseException as err:  # a full disk, or an interrupt: no data file may stay without its sidecar
+            if not sidecar.exists():
+                data.unlink(missing_ok=True)
+            if not isinstance(err, OSError | SafetensorError):
+                raise
             reason = getattr(err, "strerror", None) or err
             raise StoreError(
                 f"could not write entry {name!r} to {self.folder}: {reason}; free disk space or fix permissions "

@@ -77,6 +77,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     """Run the experiment, print its table, and write results, config, table and plot to ``--output``."""
     import torch
 
+    from ..files import check_writable
     from .finetune import run_experiment
     from .head import experiments_cache_dir
     from .report import markdown_table, write_results
@@ -87,6 +88,9 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     output = args.output or Path("experiment-results") / f"{config.experiment}_{config.task}"
     command = "fastif " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
     cache_dir = None if args.no_cache else args.cache_dir or experiments_cache_dir()
+    check_writable(output)
+    if cache_dir is not None:
+        check_writable(cache_dir, "--cache-dir", "pass a writable --cache-dir, or --no-cache")
     factory = getattr(args, "factory", None)  # tests inject a small model here
     results = run_experiment(config, factory=factory, progress=_progress, cache_dir=cache_dir)
     write_results(results, config, output, command)

@@ -28,7 +28,7 @@ from scipy import stats as scipy_stats
 from ..app_utils import cached_candidate_index, candidate_scores, dataset_labels, example_text, predict
 from ..data import Dataset
 from ..errors import DataError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_writable
 from ..influence import Influence
 from . import write_report
 from .graph import Edge, InfluenceGraph, TestPoint, TrainPoint
@@ -304,7 +304,7 @@ def report_run(
     helpful and ``top`` harmful edges and the statistics cover all candidate edges as well.
     """
     source = load_graph_source(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    out = check_writable(Path(out_dir) if out_dir is not None else Path(run_dir) / "report")
     graph = source.graph(top) if isinstance(source, InfluenceRun) else source
     paths = write_report(graph, out, title)
     if isinstance(source, InfluenceRun):

@@ -23,6 +23,7 @@ from ..app_utils import Subset, dataset_labels, index_cache_folder, machine_info
 from ..config import config_to_dict
 from ..data import Dataset
 from ..errors import ConfigError, DataError
+from ..files import check_writable
 from ..influence import Influence
 from ..scores import ScoreConfig
 from ..solvers import LiSSA, LiSSAConfig
@@ -199,6 +200,7 @@ def _graph_command(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     config = replace(NLIGraphConfig.quick() if args.quick else NLIGraphConfig(), **overrides)
+    check_writable(args.output)
     run = build_nli_run(config, log=lambda message: print(message, flush=True))
     write_run(run, args.output)
     paths = report_run(args.output, args.output, config.top, "FastIF influence explorer: HANS + MNLI")

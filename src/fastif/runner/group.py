@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import datetime
 import functools
+import gc
 import os
 import signal
 import time
@@ -37,6 +38,13 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def leave_stops_to_the_main_rank() -> None:
+    """In a worker: ignore Ctrl-C (the terminal sends it to every process) and die at once on SIGTERM (a forked
+    worker inherits the CLI's handler), so the main rank handles the interrupt and terminates its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def describe(error: BaseException, rank: int) -> tuple[int, str, str]:
@@ -94,8 +102,8 @@ class RankGroup:
                 self._start_local_group(build)
             else:
                 self._join_torchrun(build)
-        except BaseException:
-            self.close()  # release whatever was started: workers, the process group, the thread setting
+        except BaseException as error:
+            self.close(wait=not isinstance(error, KeyboardInterrupt))  # release workers, process group, threads
             raise
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -191,8 +199,11 @@ class RankGroup:
         self._set_threads(self.config.threads or max(1, usable_cores() // local_world))
         self._setup(build(device), dist.get_rank(), dist.get_world_size())
 
-    def close(self) -> None:
-        """Stop the local workers, leave a process group this runner created, and restore torch's thread count."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the local workers, leave a process group this runner created, and restore torch's thread count.
+
+        ``wait=False`` (after an interrupt) terminates the workers at once: they may be stuck in a collective.
+        """
         if self._closed:
             return
         self._closed = True
@@ -202,14 +213,17 @@ class RankGroup:
             conn.close()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            # Collect the reference cycles that still hold gloo objects now: left to interpreter shutdown, their
+            # C++ threads are destroyed unjoined and the rank aborts ("terminate called without an active exception").
+            gc.collect()
         if self._context is not None:
-            self._join_workers()
+            self._join_workers(10.0 if wait else 0.0)
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
 
-    def _join_workers(self) -> None:
-        """Wait briefly for the workers to exit after their pipes close, then terminate any straggler."""
-        deadline = time.monotonic() + 10.0
+    def _join_workers(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the workers to exit after their pipes close, then terminate stragglers."""
+        deadline = time.monotonic() + grace
         for process in self._context.processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
@@ -219,8 +233,8 @@ class RankGroup:
     def __enter__(self) -> RankGroup:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
+        self.close(wait=not isinstance(error, KeyboardInterrupt))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -340,6 +354,7 @@ def worker_main(
     A forked worker closes its copies of the parent's pipe ends (``inherited``), so it sees EOF when the parent dies.
     """
     die_with_parent(parent_pid)
+    leave_stops_to_the_main_rank()
     torch.set_num_threads(threads)
     rank, conn = index + 1, pipes[index]
     for fd in inherited:
