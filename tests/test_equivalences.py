@@ -8,8 +8,10 @@ from conftest import logistic_adapter, logistic_data, token_batch
 from torch import nn
 
 from fastif import CG, AdapterConfig, Exact, Hessian, Influence, LiSSA, ScoreConfig, TensorData, TorchAdapter
+from fastif.candidates import compute_features
 from fastif.grads import directional_derivatives, per_example_grads
 from fastif.hvp import loss_hvp
+from fastif.scores import score_matrix
 
 
 def _mlp_problem(dtype=torch.float64):
@@ -65,6 +67,35 @@ def test_scores_are_invariant_to_batch_size_chunk_size_and_path():
         torch.testing.assert_close(scores, reference, rtol=1e-8, atol=1e-10)
     hessian_batches = Influence(adapter, train, Exact(damping=0.5), hessian_batch_size=4).scores(test)
     torch.testing.assert_close(hessian_batches, reference, rtol=1e-8, atol=1e-10)
+
+
+class _LengthAwareData(TensorData):
+    """TensorData that reports token counts and records the order in which its batches are asked for."""
+
+    def __init__(self, tensors) -> None:
+        super().__init__(tensors)
+        self.lengths = tensors["attention_mask"].sum(1).tolist()
+        self.requested: list[int] = []
+
+    def batch(self, indices):
+        self.requested += list(indices)
+        return super().batch(indices)
+
+
+def test_length_ordered_scores_and_features_come_back_in_the_callers_order(bert_adapter):
+    data = _LengthAwareData(token_batch(12, seed=3))
+    plain = TensorData(data.tensors)
+    flat = bert_adapter.flat_params()
+    s_test = torch.randn(2, bert_adapter.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    picked = [7, 0, 11, 3, 3, 5]  # any order, a duplicate
+    config = ScoreConfig("grad", batch_size=4)
+    scores = score_matrix(bert_adapter, flat, s_test, data, picked, config)
+    assert [data.lengths[i] for i in data.requested] == sorted(data.lengths[i] for i in picked)  # shortest first
+    torch.testing.assert_close(scores, score_matrix(bert_adapter, flat, s_test, plain, picked, config))
+    data.requested.clear()
+    features = compute_features(bert_adapter, data, batch_size=5)
+    assert [data.lengths[i] for i in data.requested] == sorted(data.lengths)
+    torch.testing.assert_close(features, compute_features(bert_adapter, plain, batch_size=5))
 
 
 def test_exact_cg_and_lissa_agree_on_a_convex_model(logistic):

@@ -250,5 +250,11 @@ def test_quick_experiment_smoke_run_writes_results(tmp_path, factory, experiment
     assert pool_ids and not pool_ids & anchor_ids
     summary = summarise(results)
     assert set(summary["own_group"]) == {*config.groups, "mean"}
+    first_run = results["runs"][0]
+    own_loss = (
+        first_run["steps"][-1]["eval"][first_run["group"]]["loss"] - results["original"][first_run["group"]]["loss"]
+    )
+    assert summary["own_group_loss"][first_run["group"]][first_run["mode"]]["mean"] == pytest.approx(own_loss)
+    assert "Test-loss change" in (output / TABLE_FILE).read_text()
     assert results["environment"]["start"]["loadavg"] and results["setup"]["lissa_scale"] > 0
     assert "| anchors from |" in capsys.readouterr().out

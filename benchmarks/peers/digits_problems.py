@@ -207,7 +207,10 @@ def newton_polish(model: nn.Module, x: Tensor, y: Tensor, l2: float, steps: int 
         gradient = torch.func.grad(objective_fn)(theta)
         if float(gradient.norm()) < 1e-12:
             break
-        candidate = theta - torch.linalg.solve(torch.func.hessian(objective_fn)(theta), gradient)
+        try:
+            candidate = theta - torch.linalg.solve(torch.func.hessian(objective_fn)(theta), gradient)
+        except torch.linalg.LinAlgError:
+            break  # a singular Hessian (an MLP's flat directions): leave the rest to L-BFGS
         new_value = objective_fn(candidate)
         if not bool(new_value <= value):
             break  # not a descent step (indefinite Hessian far from a minimum): keep what we have

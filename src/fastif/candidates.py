@@ -294,8 +294,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def compute_features(adapter: Any, data: Any, batch_size: int = 64) -> torch.Tensor:
-    """Feature vectors [N, d] of every example of ``data`` from ``adapter.features`` (eval mode, no gradients)."""
-    from .data import iter_batches
+    """Feature vectors [N, d] of every example of ``data`` from ``adapter.features`` (eval mode, no gradients), in
+    dataset order; computed shortest example first when the dataset knows its lengths (less padding)."""
+    from .data import iter_batches, length_order
 
-    rows = [adapter.features(adapter.to_device(batch)).detach().cpu() for _, batch in iter_batches(data, batch_size)]
-    return torch.cat(rows).float()
+    order = length_order(data, range(len(data)))
+    batches = iter_batches(data, batch_size, order)
+    rows = torch.cat([adapter.features(adapter.to_device(batch)).detach().cpu() for _, batch in batches]).float()
+    features = torch.empty_like(rows)
+    features[order] = rows
+    return features

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .adapters import ModelAdapter
-from .data import Dataset, iter_batches
+from .data import Dataset, iter_batches, length_order
 from .errors import ConfigError, DataError
 from .grads import directional_derivatives, per_example_grads
 
@@ -84,8 +84,14 @@ def score_matrix(
     indices: Sequence[int] | None = None,
     config: ScoreConfig | None = None,
 ) -> Tensor:
-    """All scores [k, n] of the training examples ``indices`` (default: all) against the s_test rows."""
-    parts = [scores for _, scores in iter_scores(adapter, flat, s_test, train, indices, config)]
+    """All scores [k, n] of the training examples ``indices`` (default: all) against the s_test rows, in the order
+    of ``indices``; computed shortest example first when the dataset knows its lengths (less padding)."""
+    positions = list(range(len(train))) if indices is None else [int(i) for i in indices]
+    order = length_order(train, positions)
+    parts = [scores for _, scores in iter_scores(adapter, flat, s_test, train, [positions[p] for p in order], config)]
     if not parts:
         return torch.empty(s_test.shape[0], 0, dtype=s_test.dtype, device=s_test.device)
-    return torch.cat(parts, dim=1)
+    ordered = torch.cat(parts, dim=1)
+    scores = torch.empty_like(ordered)
+    scores[:, order] = ordered
+    return scores

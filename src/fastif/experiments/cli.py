@@ -40,7 +40,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="ExperimentConfig JSON (e.g. a saved config.json)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="run a single seed")
-    seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="run these seeds (default 0 1 2)")
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="run these seeds (default 0 1 2 3 4)")
     parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 10)")
     parser.add_argument("--groups", nargs="+", default=None, help="HANS heuristics / ANLI rounds to anchor on")
     parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 1e-4)")

@@ -22,24 +22,31 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
 
-def accuracy_changes(results: dict[str, Any]) -> dict[tuple[str, str, str], list[list[float]]]:
-    """Per (anchor group, mode, evaluated group): one curve per seed of accuracy change in points, step 0..S."""
-    original = results["original"]
+def accuracy_changes(
+    results: dict[str, Any], metric: str = "accuracy"
+) -> dict[tuple[str, str, str], list[list[float]]]:
+    """Per (anchor group, mode, evaluated group): one curve per seed of the change of ``metric`` on the evaluated
+    group's test part, step 0..S; accuracy in points, loss (mean cross-entropy) as it is."""
+    original, unit = results["original"], 100.0 if metric == "accuracy" else 1.0
     curves: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)
     for run in results["runs"]:
         for target, base in original.items():
-            curve = [0.0] + [100 * (s["eval"][target]["accuracy"] - base["accuracy"]) for s in run["steps"]]
+            curve = [0.0] + [unit * (s["eval"][target][metric] - base[metric]) for s in run["steps"]]
             curves[(run["group"], run["mode"], target)].append(curve)
     return curves
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Final accuracy change per anchor group and mode: on the anchors' own group, and averaged over all groups."""
-    curves = accuracy_changes(results)
-    groups = list(results["original"])
+    """Final accuracy change per anchor group and mode (on the anchors' own group, and averaged over all groups),
+    the final test-loss change on the own group, and the anchors' own loss change per step."""
+    curves, losses = accuracy_changes(results), accuracy_changes(results, "loss")
+    groups = list(results["config"]["groups"])
     modes = list(results["config"]["modes"])
-    summary: dict[str, Any] = {"own_group": {}, "all_groups": {}, "anchor_loss_change": {}}
+    summary: dict[str, Any] = {"own_group": {}, "all_groups": {}, "own_group_loss": {}, "anchor_loss_change": {}}
     for group in groups:
+        summary["own_group_loss"][group] = {
+            mode: _mean_sd([c[-1] for c in losses[(group, mode, group)]]) for mode in modes
+        }
         own = {mode: _mean_sd([c[-1] for c in curves[(group, mode, group)]]) for mode in modes}
         mean_all = {
             mode: _mean_sd([statistics.fmean(c) for c in zip(*(
@@ -67,10 +74,14 @@ def _cell(stats: dict[str, float]) -> str:
     return f"{stats['mean']:+.2f} ± {stats['sd']:.2f}" if "sd" in stats else f"{stats['mean']:+.2f}"
 
 
+def _loss_cell(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:+.2e} ± {stats['sd']:.1e}"
+
+
 def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     """The results as markdown: original accuracy, final accuracy change per group and mode, timing and load."""
     config, summary = results["config"], summarise(results)
-    modes, groups = list(config["modes"]), list(results["original"])
+    modes, groups = list(config["modes"]), list(results["config"]["groups"])
     environment = results["environment"]
     lines = [
         f"# experiment {config['experiment']} ({config['task']})",
@@ -89,10 +100,15 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     lines += ["| anchors from | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for group in groups:
         lines.append(f"| {group} | " + " | ".join(_cell(summary["all_groups"][group][m]) for m in modes) + " |")
+    lines += ["", "Test-loss change (mean cross-entropy) on the anchors' group's held-out test sample (same runs):", ""]
+    lines += ["| anchors from | original loss | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+    for group in groups:
+        cells = [_loss_cell(summary["own_group_loss"][group][mode]) for mode in modes]
+        lines.append(f"| {group} | {results['original'][group]['loss']:.4f} | " + " | ".join(cells) + " |")
     loss = summary["anchor_loss_change"]
     lines += ["", "Change of the anchors' own mean loss over one step (all steps, groups and seeds):", ""]
     lines += ["| " + " | ".join(modes) + " |", "|" + "---|" * len(modes)]
-    lines.append("| " + " | ".join(f"{loss[m]['mean']:+.2e} ± {loss[m]['sd']:.1e}" for m in modes) + " |")
+    lines.append("| " + " | ".join(_loss_cell(loss[m]) for m in modes) + " |")
     solves = [s["solver"] for run in results["runs"] for s in run["steps"] if s["solver"]]
     if solves:
         settled = sum(bool(solve.get("converged")) for solve in solves)
@@ -125,7 +141,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     curves = accuracy_changes(results)
-    groups, modes = list(results["original"]), list(results["config"]["modes"])
+    groups, modes = list(results["config"]["groups"]), list(results["config"]["modes"])
     figure, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
     for axis, group in zip(axes[0], groups, strict=True):
         for mode in modes:
