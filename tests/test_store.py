@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import multiprocessing
+import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event
@@ -17,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastif.files
 import fastif.store as store_module
 from fastif.errors import ConfigError, DataError, StoreError
 from fastif.store import (
@@ -392,3 +395,12 @@ def test_random_tensor_dicts_round_trip(tensors: dict[str, torch.Tensor]) -> Non
         for key, tensor in tensors.items():
             assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape
             assert torch.equal(loaded[key], tensor)
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path: Path) -> None:
+    umask = os.umask(0o027)
+    os.umask(umask)
+    written = fastif.files.atomic_write_text(tmp_path / "note.txt", "hello")
+    expected = fastif.files.FILE_MODE
+    assert expected == 0o666 & ~umask and stat.S_IMODE(written.stat().st_mode) == expected  # not mkstemp's 0600
+    assert written.read_text() == "hello" and [p.name for p in tmp_path.iterdir()] == ["note.txt"]

@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastif import Influence, LiSSA, ScoreConfig
+from fastif import CG, Influence, LiSSA, ScoreConfig, TorchAdapter
 from fastif.adapters import additive_attention_mask
+from fastif.experiments.head import HiddenStateData, TopLayers, encode_hidden, top_layers_adapter
 from fastif.nli import model_inputs
 from fastif.scores import score_matrix
 
@@ -97,41 +99,46 @@ def random_subset(problem: NLIProblem, size: int, seed: int = 1) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- fastif
 
 
-def fastif_influence(problem: NLIProblem, settings: NLISettings) -> Influence:
-    """fastif on the HF model: batch-1 LiSSA with tail averaging, scores in batches of ``batch_size``."""
-    solver = LiSSA(
+def fastif_lissa(problem: NLIProblem, settings: NLISettings) -> LiSSA:
+    """fastif's fast s_test: batch-1 LiSSA with tail averaging."""
+    return LiSSA(
         damping=problem.spec.damping,
         depth=settings.lissa_depth,
         batch_size=1,
         scale=settings.lissa_scale,
         tail_average=settings.tail_average,
     )
-    return Influence(problem.adapter(), problem.train, solver, ScoreConfig(batch_size=settings.batch_size))
 
 
-def fastif_knn(problem: NLIProblem, settings: NLISettings) -> Found:
-    """FastIF's pipeline: FAISS index over the classifier's input, s_test by LiSSA, JVP scores of K candidates."""
-    found = Found("fastif kNN + LiSSA + JVP")
-    influence = fastif_influence(problem, settings)
+def fastif_influence(problem: NLIProblem, settings: NLISettings) -> Influence:
+    """fastif on the HF model: fast LiSSA s_test, scores in batches of ``batch_size``."""
+    return Influence(
+        problem.adapter(), problem.train, fastif_lissa(problem, settings), ScoreConfig(batch_size=settings.batch_size)
+    )
+
+
+def knn_pipeline(found: Found, influence: Influence, test: Any, settings: NLISettings) -> Found:
+    """FastIF's steps, each timed: FAISS index over the training features, s_test, kNN query, JVP candidate scores."""
     with found.stage("index (features of all training points)"):
         influence.build_index()
     with found.stage("s_test (LiSSA)"):
-        s_test = influence.s_test(problem.test)
+        s_test = influence.s_test(test)
     with found.stage("kNN query"):
-        neighbours = influence.nearest(problem.test, settings.candidates).numpy()
+        neighbours = influence.nearest(test, settings.candidates).numpy()
     with found.stage("scores of candidates (JVP)"):
         for i, row in enumerate(neighbours):
             scores = score_matrix(
-                influence.adapter,
-                influence.flat,
-                s_test[i : i + 1],
-                problem.train,
-                row.tolist(),
+                influence.adapter, influence.flat, s_test[i : i + 1], influence.train, row.tolist(),
                 influence.score_config,
-            )
+            )  # fmt: skip
             found.scored.append(row)
             found.scores.append(scores[0].double().numpy())
     return found.finish(settings.k)
+
+
+def fastif_knn(problem: NLIProblem, settings: NLISettings) -> Found:
+    """FastIF's pipeline on the whole model: FAISS index over the classifier's input, LiSSA, JVP of K candidates."""
+    return knn_pipeline(Found("fastif kNN + LiSSA + JVP"), fastif_influence(problem, settings), problem.test, settings)
 
 
 def fastif_full(problem: NLIProblem, settings: NLISettings) -> Found:
@@ -144,6 +151,37 @@ def fastif_full(problem: NLIProblem, settings: NLISettings) -> Found:
         matrix = score_matrix(
             influence.adapter, influence.flat, s_test, problem.train, None, ScoreConfig("grad", settings.batch_size)
         )
+    found.scored, found.scores = full_rows(matrix, np.arange(len(problem.train)))
+    return found.finish(settings.k)
+
+
+def cached_head(problem: NLIProblem) -> tuple[TorchAdapter, HiddenStateData, HiddenStateData]:
+    """fastif's frozen-bottom cache: one no-grad forward gives every example's final [CLS] vector; the pooler and
+    classifier (the influence parameters, shared with the model) then run on it alone."""
+    top = TopLayers(problem.model, 0)
+    train = encode_hidden(problem.model, problem.train, top.first, cls_only=True)
+    test = encode_hidden(problem.model, problem.test, top.first, cls_only=True)
+    return top_layers_adapter(top, problem.l2), train, test
+
+
+def fastif_head_knn(problem: NLIProblem, settings: NLISettings) -> Found:
+    """FastIF's pipeline on the cached head: kNN over the pooled features, batch-1 LiSSA, JVP candidate scores."""
+    found = Found("fastif head cache + kNN + LiSSA")
+    with found.stage("frozen bottom (one forward of every training and test point)"):
+        adapter, train, test = cached_head(problem)
+    influence = Influence(adapter, train, fastif_lissa(problem, settings), ScoreConfig(batch_size=settings.batch_size))
+    return knn_pipeline(found, influence, test, settings)
+
+
+def fastif_head_full(problem: NLIProblem, settings: NLISettings) -> Found:
+    """No kNN, no stochastic solver: CG on the cached head's full Hessian, then every training point's score."""
+    found = Found("fastif head cache + full scan + CG")
+    with found.stage("frozen bottom (one forward of every training and test point)"):
+        adapter, train, test = cached_head(problem)
+    solver = CG(damping=problem.spec.damping, tolerance=1e-6, max_iterations=200)
+    influence = Influence(adapter, train, solver, ScoreConfig("grad", 1024, 256), hessian_batch_size=len(train))
+    with found.stage("s_test (CG) and scores of all points"):
+        matrix = influence.scores(test)
     found.scored, found.scores = full_rows(matrix, np.arange(len(problem.train)))
     return found.finish(settings.k)
 
@@ -345,6 +383,8 @@ def dattri_method(kind: str, label: str) -> Callable[[NLIProblem, NLISettings], 
 
 RUNNERS: dict[str, Callable[[NLIProblem, NLISettings], Found]] = {
     "fastif kNN + LiSSA + JVP": fastif_knn,
+    "fastif head cache + kNN + LiSSA": fastif_head_knn,
+    "fastif head cache + full scan + CG": fastif_head_full,
     "kronfluence EK-FAC": kronfluence_ekfac,
     "fastif full scan + LiSSA": fastif_full,
     "captum TracInCP": captum_tracincp,

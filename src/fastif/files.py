@@ -13,6 +13,17 @@ from typing import Any
 from .errors import OutputError
 
 
+def _umask() -> int:
+    """The process's umask (read once at import: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Permissions of written files: what ``open()`` would give (mkstemp's temporary files are 0600)."""
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically; the target is never half-written."""
     target = Path(path)
@@ -23,6 +34,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
