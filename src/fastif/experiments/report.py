@@ -22,9 +22,7 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
 
-def accuracy_changes(
-    results: dict[str, Any], metric: str = "accuracy"
-) -> dict[tuple[str, str, str], list[list[float]]]:
+def metric_changes(results: dict[str, Any], metric: str = "accuracy") -> dict[tuple[str, str, str], list[list[float]]]:
     """Per (anchor group, mode, evaluated group): one curve per seed of the change of ``metric`` on the evaluated
     group's test part, step 0..S; accuracy in points, loss (mean cross-entropy) as it is."""
     original, unit = results["original"], 100.0 if metric == "accuracy" else 1.0
@@ -39,7 +37,7 @@ def accuracy_changes(
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     """Final accuracy change per anchor group and mode (on the anchors' own group, and averaged over all groups),
     the final test-loss change on the own group, and the anchors' own loss change per step."""
-    curves, losses = accuracy_changes(results), accuracy_changes(results, "loss")
+    curves, losses = metric_changes(results), metric_changes(results, "loss")
     groups = list(results["config"]["groups"])
     modes = list(results["config"]["modes"])
     summary: dict[str, Any] = {"own_group": {}, "all_groups": {}, "own_group_loss": {}, "anchor_loss_change": {}}
@@ -140,7 +138,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = accuracy_changes(results)
+    curves = metric_changes(results)
     groups, modes = list(results["config"]["groups"]), list(results["config"]["modes"])
     figure, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
     for axis, group in zip(axes[0], groups, strict=True):

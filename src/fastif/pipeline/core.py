@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..candidates import CandidateIndex
 from ..config import config_to_dict, save_config
-from ..data import iter_batches
+from ..data import iter_batches, length_order
 from ..errors import DataError, StoreError
 from ..grads import dataset_grads, mean_loss_grad
 from ..hvp import Hessian
@@ -163,15 +163,12 @@ class Pipeline:
             records = load_records(self.config.data.test, "test", loaded, self.config.data)
             return TextPairData(records, loaded.tokenizer, self.config.data.max_length, loaded.label_names)
 
-    def _length_order(self, data: TextPairData) -> list[int]:
-        return sorted(range(len(data)), key=lambda i: data.lengths[i])
-
     @torch.no_grad()
     def predict(self, data: TextPairData) -> Tensor:
         """Class probabilities [n, C] of every example (length-sorted batches, so little padding)."""
         params = self.adapter.space.unflatten(self.flat)
         rows: dict[int, Tensor] = {}
-        for chunk, batch in iter_batches(data, self.config.candidates.batch_size, self._length_order(data)):
+        for chunk, batch in iter_batches(data, self.config.candidates.batch_size, length_order(data, range(len(data)))):
             logits = self.adapter.logits(params, self.adapter.to_device(batch))
             rows.update(zip(chunk, logits.softmax(-1).float().cpu(), strict=True))
         return torch.stack([rows[i] for i in range(len(data))])
@@ -179,7 +176,7 @@ class Pipeline:
     def features(self, data: TextPairData, desc: str | None = None) -> Tensor:
         """kNN features [n, d] of every example, in length-sorted batches (with a progress bar when ``desc``)."""
         rows: dict[int, Tensor] = {}
-        order = self._length_order(data)
+        order = length_order(data, range(len(data)))
         bar = self._bar(desc is not None, total=len(data), desc=desc, unit="ex")
         for chunk, batch in iter_batches(data, self.config.candidates.batch_size, order):
             rows.update(zip(chunk, self.adapter.features(self.adapter.to_device(batch)).float().cpu(), strict=True))
