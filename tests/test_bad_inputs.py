@@ -82,8 +82,7 @@ def test_cg_that_runs_out_of_iterations_warns_and_reports_non_convergence():
     data = _data(n=20)
     influence = fastif.Influence(_linear(), data, fastif.CG(damping=1e-3, max_iterations=1, tolerance=1e-14))
     with pytest.warns(RuntimeWarning, match="raise max_iterations"):
-        influence.s_test(data)
-    info = influence.last_solve
+        info = influence.solve(data).info
     assert info["converged"] is False and info["iterations"] == len(info["residual_trace"]) == 1
     assert info["residual_trace"][0] > 1e-14
 
@@ -107,8 +106,7 @@ def test_lissa_that_has_not_settled_warns_and_reports_its_norm_traces():
     data = _data(n=20)
     influence = fastif.Influence(adapter, data, fastif.LiSSA(depth=8, repeats=2, damping=1e-3))
     with pytest.warns(RuntimeWarning, match="LiSSA has not settled.*Raise depth"):
-        influence.s_test(data)
-    info = influence.last_solve
+        info = influence.solve(data).info
     assert info["converged"] is False and max(info["late_growth"]) >= 0.05
     assert info["norm_trace"].shape == (2, 8) and bool(torch.isfinite(info["norm_trace"]).all())
 

@@ -148,7 +148,7 @@ def test_top_k_with_all_points_as_candidates_equals_full_scoring():
     adapter, data = _mlp_problem()
     train, test = TensorData(data.batch(range(30))), TensorData(data.batch(range(30, 34)))
     influence = Influence(adapter, train, Exact(damping=0.5))
-    full, pruned = influence.top_k(test, k=5), influence.top_k(test, k=5, candidates=30)
+    full, pruned = influence.top_k(test, k=5), influence.top_k(test, k=5, num_candidates=30)
     torch.testing.assert_close(pruned.helpful_scores, full.helpful_scores)
     torch.testing.assert_close(pruned.harmful_indices, full.harmful_indices)
 
@@ -158,10 +158,10 @@ def test_top_k_with_candidates_scores_only_the_nearest_points():
     train, test = TensorData(data.batch(range(30))), TensorData(data.batch(range(30, 34)))
     influence = Influence(adapter, train, Exact(damping=0.5))
     nearest = influence.nearest(test, 8)
-    top = influence.top_k(test, k=3, candidates=8)
+    top = influence.top_k(test, k=3, num_candidates=8)
     all_scores = influence.scores(test)
     for row in range(4):
         assert set(top.helpful_indices[row].tolist()) <= set(nearest[row].tolist())
         torch.testing.assert_close(top.helpful_scores[row], all_scores[row, top.helpful_indices[row]])
-    group = influence.top_k(test, k=3, candidates=8, group=True)
+    group = influence.top_k(test, k=3, num_candidates=8, group=True)
     assert group.helpful_indices.shape == (1, 3)

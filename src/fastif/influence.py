@@ -3,16 +3,23 @@
     >>> inf = Influence(adapter, train, solver=CG(damping=1e-3))
     >>> scores = inf.scores(test)            # [n_test, n_train]; positive = helpful
     >>> top = inf.top_k(test, k=10)          # most helpful and most harmful training points per test point
+    >>> fast = inf.candidate_scores(test, num_candidates=100)   # FastIF: score only the 100 nearest (kNN)
 
 ``scores[i, j] = ∇L(test_i)ᵀ (H + damping·I)⁻¹ ∇L(train_j)``, with H the Hessian of the training objective (mean
 training loss + L2 term). Positive = helpful: upweighting training point j lowers test i's loss, and removing it
 is predicted to raise that loss by ``scores[i, j] / n``. This is the negative of Koh & Liang's ``I_up,loss``.
+
+Every caller (pipeline, applications, benchmarks) goes through :meth:`Influence.candidate_scores`: the one
+candidates → s_test → scores path. With ``frozen="auto"`` (the default) the model's constant bottom is computed once
+per example (:mod:`fastif.frozen`) and every gradient, HVP and score runs on the top alone, with the same numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +29,11 @@ from .adapters import ModelAdapter
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
+from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, encode_prefix, find_split
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
 from .scores import ScoreConfig, score_matrix
-from .solvers import CG, Solver
+from .solvers import CG, Solver, SolveResult
 
 
 @dataclass
@@ -38,12 +46,41 @@ class TopK:
     harmful_scores: Tensor
 
 
+@dataclass
+class CandidateScores:
+    """Each test point's scored candidates: ``indices`` [n, K] into the training set, their ``scores`` [n, K],
+    the ``solve`` that made s_test (with its diagnostics) and how the candidates were found (``method``)."""
+
+    indices: Tensor
+    scores: Tensor
+    solve: SolveResult
+    method: str
+
+    def top_k(self, k: int) -> TopK:
+        """The ``k`` most helpful and most harmful of each row's candidates."""
+        _check_k(k, self.indices.shape[1], "top_k")
+        helpful_scores, helpful = self.scores.topk(k, dim=1, largest=True)
+        harmful_scores, harmful = self.scores.topk(k, dim=1, largest=False)
+        return TopK(self.indices.gather(1, helpful), helpful_scores, self.indices.gather(1, harmful), harmful_scores)
+
+
+@dataclass
+class _Prepared:
+    """A test set as the working adapter sees it (activations on the frozen path) and its kNN features if known."""
+
+    data: Dataset
+    features: Tensor | None
+
+
 class Influence:
     """Influence of the training set ``train`` on test examples, for the model behind ``adapter``.
 
     ``solver`` picks how ``H⁻¹`` is applied (default: :class:`~fastif.solvers.CG` without damping); it is fitted
     once, lazily, on the Hessian over all of ``train``. ``candidates`` configures the FAISS index over the
-    adapter's features that ``top_k(..., candidates=K)`` uses to score only the K nearest training points.
+    adapter's features that ``candidate_scores(..., num_candidates=K)`` uses to score only the K nearest training
+    points. ``frozen`` picks the frozen-bottom path (:mod:`fastif.frozen`): ``"auto"`` takes it where a splitter
+    knows the architecture and a layer below the selection exists, ``"on"`` insists (ModelError otherwise),
+    ``"off"`` never; its activation cache moves to a memmap under ``cache_folder`` past ``cache_budget_bytes``.
     """
 
     def __init__(
@@ -55,6 +92,9 @@ class Influence:
         hessian_batch_size: int = 64,
         hvp_method: HVPMethod = "double-backward",
         candidates: CandidateConfig | None = None,
+        frozen: FrozenMode = "auto",
+        cache_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        cache_folder: str | Path | None = None,
     ) -> None:
         self.adapter = adapter
         self.train = as_dataset(train)
@@ -63,11 +103,63 @@ class Influence:
         self.solver = solver or CG()
         self.score_config = score or ScoreConfig()
         self.flat = adapter.flat_params()
-        self.hessian = Hessian(adapter, self.train, self.flat, hessian_batch_size, hvp_method)
+        self.hessian_batch_size, self.hvp_method = hessian_batch_size, hvp_method
         self.candidate_config = candidates or CandidateConfig()
         self.index: CandidateIndex | None = None
-        self.last_solve: dict[str, Any] = {}
+        self.split = find_split(adapter, frozen)
+        self.cache_budget_bytes, self.cache_folder = cache_budget_bytes, cache_folder
         self._fitted = False
+
+    # ------------------------------------------------------------------------------------------ frozen path
+
+    def _encode(self, data: Dataset, folder: str | Path | None = None) -> Encoded:
+        assert self.split is not None
+        return encode_prefix(
+            self.adapter, data, self.split, self.score_config.batch_size, self.cache_budget_bytes, folder
+        )
+
+    @cached_property
+    def _train_encoded(self) -> Encoded | None:
+        """The training set's bottom activations and features (one pass), on the frozen path."""
+        return None if self.split is None else self._encode(self.train, self.cache_folder)
+
+    @cached_property
+    def work_adapter(self) -> ModelAdapter:
+        """The adapter every gradient, HVP and score runs on: the top alone on the frozen path, else ``adapter``."""
+        encoded = self._train_encoded
+        if self.split is None or encoded is None:
+            return self.adapter
+        return FrozenAdapter(self.adapter, self.split, encoded.layer_returns_tuple)
+
+    @property
+    def train_view(self) -> Dataset:
+        """The training set as :attr:`work_adapter` reads it (with cached activations on the frozen path)."""
+        encoded = self._train_encoded
+        return self.train if encoded is None else encoded.data
+
+    @cached_property
+    def train_features(self) -> Tensor:
+        """kNN features [n, d] of every training point (from the frozen path's one pass when it runs)."""
+        encoded = self._train_encoded
+        if encoded is not None:
+            return encoded.features
+        return compute_features(self.adapter, self.train, self.score_config.batch_size)
+
+    def prepare(self, test: Any) -> _Prepared:
+        """``test`` as the working adapter reads it, with its features when the frozen pass computed them."""
+        test = _non_empty(as_dataset(test), "test")
+        if self.split is None:
+            return _Prepared(test, None)
+        self.work_adapter  # noqa: B018 (the training pass fixes the layer output type first)
+        encoded = self._encode(test)
+        return _Prepared(encoded.data, encoded.features)
+
+    @cached_property
+    def hessian(self) -> Hessian:
+        """The training objective's Hessian over :attr:`train_view` at the current parameters."""
+        return Hessian(self.work_adapter, self.train_view, self.flat, self.hessian_batch_size, self.hvp_method)
+
+    # ------------------------------------------------------------------------------------------ s_test
 
     def fit(self) -> Influence:
         """Fit the solver on the training Hessian (runs once; later calls are free)."""
@@ -78,53 +170,105 @@ class Influence:
 
     def test_grads(self, test: Any) -> Tensor:
         """Per-example loss gradients [n_test, P] of the test examples."""
-        test = _non_empty(as_dataset(test), "test")
-        return dataset_grads(
-            self.adapter,
-            self.flat,
-            test,
-            batch_size=self.score_config.batch_size,
-            chunk_size=self.score_config.chunk_size,
-        )
+        return self._grads(self.prepare(test).data)
+
+    def _grads(self, data: Dataset, group: bool = False) -> Tensor:
+        config = self.score_config
+        if group:
+            return mean_loss_grad(self.work_adapter, self.flat, data, config.batch_size)[None].detach()
+        return dataset_grads(self.work_adapter, self.flat, data, None, config.batch_size, config.chunk_size)
+
+    def solve(self, test: Any, group: bool = False) -> SolveResult:
+        """``(H + damping·I)⁻¹ ∇L`` per test example [n_test, P] (or for the group's mean loss, [1, P]) and the
+        solver's diagnostics."""
+        return self._solve(self.prepare(test).data, group)
+
+    def _solve(self, data: Dataset, group: bool) -> SolveResult:
+        gradients = self._grads(data, group)
+        _check_finite(gradients, "test-loss gradient")
+        result = self.fit().solver.solve(gradients)
+        _check_finite(result.x, "s_test")
+        return result
 
     def s_test(self, test: Any, group: bool = False) -> Tensor:
         """``(H + damping·I)⁻¹ ∇L`` per test example [n_test, P], or for the group's mean loss [1, P]."""
-        test = _non_empty(as_dataset(test), "test")
-        gradients = (
-            mean_loss_grad(self.adapter, self.flat, test, self.score_config.batch_size)[None]
-            if group
-            else self.test_grads(test)
-        )
-        _check_finite(gradients, "test-loss gradient")
-        result = self.fit().solver.solve(gradients)
-        self.last_solve = result.info
-        _check_finite(result.x, "s_test")
-        return result.x
+        return self.solve(test, group).x
+
+    # ------------------------------------------------------------------------------------------ scores
 
     def scores(self, test: Any, train_indices: Sequence[int] | None = None, group: bool = False) -> Tensor:
         """Scores [n_test, n] (or [1, n] with ``group``) of training points ``train_indices`` (default: all)."""
         _check_indices(train_indices, len(self.train))
-        return score_matrix(
-            self.adapter, self.flat, self.s_test(test, group), self.train, train_indices, self.score_config
-        )
+        return self.score_s_test(self.s_test(test, group), train_indices)
+
+    def score_s_test(self, s_test: Tensor, train_indices: Sequence[int] | None = None) -> Tensor:
+        """Scores [k, n] of the training points ``train_indices`` (default: all) against given s_test rows."""
+        return score_matrix(self.work_adapter, self.flat, s_test, self.train_view, train_indices, self.score_config)
 
     def build_index(self, index: CandidateIndex | None = None) -> CandidateIndex:
         """The kNN index over the training features (built once; pass a saved ``index`` to reuse one)."""
         if index is not None:
             self.index = index
         if self.index is None:
-            features = compute_features(self.adapter, self.train, self.score_config.batch_size)
-            self.index = CandidateIndex.build(features, self.candidate_config)
+            self.index = CandidateIndex.build(self.train_features, self.candidate_config)
         return self.index
 
     def nearest(self, test: Any, k: int, group: bool = False) -> Tensor:
         """Indices [n_test, k] of each test point's k nearest training points (or [1, k] for the group's mean)."""
-        test = _non_empty(as_dataset(test), "test")
-        features = compute_features(self.adapter, test, self.score_config.batch_size)
+        return self._nearest(self.prepare(test), k, group)
+
+    def _nearest(self, prepared: _Prepared, k: int, group: bool) -> Tensor:
+        features = prepared.features
+        if features is None:
+            features = compute_features(self.work_adapter, prepared.data, self.score_config.batch_size)
         index = self.build_index()
         if group:
             return torch.as_tensor(index.search_mean(features, k))[None]
         return torch.as_tensor(index.search(features, k)[1])
+
+    def candidate_scores(
+        self,
+        test: Any,
+        num_candidates: int | None = None,
+        group: bool = False,
+        train_indices: Sequence[int] | None = None,
+    ) -> CandidateScores:
+        """FastIF's path, written once: candidates → s_test → scores of each test point's candidates.
+
+        With ``num_candidates=K`` the candidates are each test point's K nearest training points (FAISS over the
+        adapter's features; for a ``group``, those nearest its mean feature); without it, every point of
+        ``train_indices`` (default: the whole training set) is scored.
+        """
+        prepared = self.prepare(test)
+        if num_candidates is None:
+            _check_indices(train_indices, len(self.train))
+            pool = list(range(len(self.train))) if train_indices is None else [int(i) for i in train_indices]
+            result = self._solve(prepared.data, group)
+            scores = self.score_s_test(result.x, pool)
+            indices = torch.as_tensor(pool, dtype=torch.long).expand(scores.shape[0], -1)
+            return CandidateScores(indices.contiguous(), scores, result, "all")
+        if train_indices is not None:
+            raise DataError("give either train_indices or num_candidates, not both")
+        _check_k(num_candidates, len(self.train), "num_candidates")
+        neighbours = self._nearest(prepared, num_candidates, group)
+        result = self._solve(prepared.data, group)
+        rows = [self.score_s_test(result.x[i : i + 1], row.tolist()) for i, row in enumerate(neighbours)]
+        return CandidateScores(neighbours.long(), torch.cat(rows), result, "features")
+
+    def top_k(
+        self,
+        test: Any,
+        k: int = 10,
+        train_indices: Sequence[int] | None = None,
+        group: bool = False,
+        num_candidates: int | None = None,
+    ) -> TopK:
+        """The ``k`` most helpful (largest) and most harmful (most negative) training points per test point,
+        among the candidates of :meth:`candidate_scores` (FastIF's kNN with ``num_candidates``; else all)."""
+        _check_count(k, "k")
+        return self.candidate_scores(test, num_candidates, group, train_indices).top_k(k)
+
+    # ------------------------------------------------------------------------------------------ self-influence
 
     def self_influence(self, indices: Sequence[int] | None = None, chunk: int | None = None) -> Tensor:
         """``∇L(z)ᵀ (H + damping·I)⁻¹ ∇L(z)`` per training point [n] (default: all): large = suspicious label.
@@ -142,43 +286,9 @@ class Influence:
     def _self_influence_chunk(self, indices: list[int]) -> Tensor:
         """Self-influence of one chunk of training points: their gradients, one batched solve, row-wise dots."""
         gradients = dataset_grads(
-            self.adapter, self.flat, self.train, indices, len(indices), self.score_config.chunk_size
+            self.work_adapter, self.flat, self.train_view, indices, len(indices), self.score_config.chunk_size
         )
-        result = self.solver.solve(gradients)
-        self.last_solve = result.info
-        return (gradients * result.x).sum(dim=1)
-
-    def top_k(
-        self,
-        test: Any,
-        k: int = 10,
-        train_indices: Sequence[int] | None = None,
-        group: bool = False,
-        candidates: int | None = None,
-    ) -> TopK:
-        """The ``k`` most helpful (largest) and most harmful (most negative) training points per test point.
-
-        With ``candidates=K`` only each test point's K nearest training points (FAISS over the adapter's features)
-        are scored: FastIF's kNN speed-up. Without it, all of ``train_indices`` (default: every point) are scored.
-        """
-        if candidates is None:
-            _check_k(k, len(self.train) if train_indices is None else len(train_indices))
-            return top_k_from_scores(self.scores(test, train_indices, group), k, train_indices)
-        if train_indices is not None:
-            raise DataError("give either train_indices or candidates, not both")
-        _check_k(candidates, len(self.train), "candidates")
-        _check_k(k, candidates)
-        neighbours = self.nearest(test, candidates, group)
-        s_test = self.s_test(test, group)
-        rows = [
-            top_k_from_scores(
-                score_matrix(self.adapter, self.flat, s_test[i : i + 1], self.train, row.tolist(), self.score_config),
-                k,
-                row.tolist(),
-            )
-            for i, row in enumerate(neighbours)
-        ]
-        return TopK(*(torch.cat([getattr(row, name) for row in rows]) for name in TopK.__dataclass_fields__))
+        return (gradients * self.solver.solve(gradients).x).sum(dim=1)
 
 
 def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | None = None) -> TopK:
@@ -201,7 +311,13 @@ def _check_finite(values: Tensor, what: str) -> None:
         )
 
 
+def _check_count(k: Any, name: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise DataError(f"{name} must be a whole number of training points, got {k!r}")
+
+
 def _check_k(k: int, pool: int, name: str = "k") -> None:
+    _check_count(k, name)
     if not 0 < k <= pool:
         raise DataError(f"{name} must lie in [1, {pool}] (the number of training points available), got {k}")
 

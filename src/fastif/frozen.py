@@ -1,0 +1,318 @@
+"""Frozen-bottom path: compute the constant bottom of a model once, then run every influence step on the top alone.
+
+Influence is taken over the selected parameters θ only. If the lowest module holding a selected parameter is
+layer ``first`` of the model's layer stack and nothing below it (the embeddings, layers ``0 … first-1``) is
+selected, the hidden states entering layer ``first`` do not depend on θ: they are computed once per example by one
+no-grad forward pass (:func:`encode_prefix`, shortest example first) and cached. Every later gradient, HVP, JVP and
+score runs the model's *own* forward with that cached tensor injected at the bottom (a forward hook on the module
+whose output enters the layer stack) and the layers below ``first`` replaced by pass-throughs, so masks, pooling and
+heads are the model's own and the numbers equal the full model's (tested to float64 rounding). The same pass
+yields the kNN features (the input of the adapter's feature module) and the logits: one pass, not two.
+
+Cost: the cache holds ``length × hidden_size`` values per example (``hidden_size`` values when the head reads only
+the first token, e.g. BERT's pooler with no trainable encoder layer), at the model's dtype: for MiniLM (384-d,
+fp32) 1,536 bytes per token, about 60 kB for a 40-token pair, or 1.5 kB with only pooler + classifier selected.
+Past ``budget_bytes`` the cache is a numpy memmap on disk instead of RAM.
+
+Architectures register a :class:`Splitter` by subclassing (``class MySplitter(Splitter, model_types=("x",))``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .adapters import ModelAdapter
+from .data import Batch, Dataset, index_chunks, length_order
+from .errors import DataError, ModelError
+
+FrozenMode = Literal["auto", "on", "off"]
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+class Splitter:
+    """Where an architecture keeps its layer stack, relative to ``model.base_model``.
+
+    ``entry``: the module whose output enters layer 0; ``layers``: the ``nn.ModuleList`` of layers; ``bottom``:
+    modules that run before the stack (a selected parameter there disables the split); ``first_token_head``: the
+    head reads only position 0 of the last layer's output (so, with no trainable layer, only that is cached).
+    """
+
+    registry: ClassVar[dict[str, type[Splitter]]] = {}
+    entry: ClassVar[str]
+    layers: ClassVar[str]
+    bottom: ClassVar[tuple[str, ...]]
+    first_token_head: ClassVar[bool] = False
+
+    def __init_subclass__(cls, model_types: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for model_type in model_types:
+            Splitter.registry[model_type] = cls
+
+
+class BertFamilySplitter(Splitter, model_types=("bert", "roberta")):
+    """BERT and RoBERTa: ``embeddings`` then ``encoder.layer``; pooler / classification head read [CLS]."""
+
+    entry, layers, bottom, first_token_head = "embeddings", "encoder.layer", ("embeddings",), True
+
+
+class DistilBertSplitter(Splitter, model_types=("distilbert",)):
+    """DistilBERT: ``embeddings`` then ``transformer.layer``; ``pre_classifier`` reads [CLS]."""
+
+    entry, layers, bottom, first_token_head = "embeddings", "transformer.layer", ("embeddings",), True
+
+
+class GPT2Splitter(Splitter, model_types=("gpt2",)):
+    """GPT-2: token + position embeddings, ``drop``, then the blocks ``h`` (and ``ln_f``, the score head)."""
+
+    entry, layers, bottom = "drop", "h", ("wte", "wpe", "drop")
+
+
+class LlamaSplitter(Splitter, model_types=("llama", "mistral", "qwen2")):
+    """Llama-style decoders: ``embed_tokens`` then ``layers`` (rotary positions come from position ids)."""
+
+    entry, layers, bottom = "embed_tokens", "layers", ("embed_tokens",)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model cut below layer ``first`` of ``layers`` (full dotted names); ``first_token_only``: cache [CLS] only."""
+
+    entry: str
+    layers: str
+    first: int
+    num_layers: int
+    first_token_only: bool
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _no_split(mode: FrozenMode, reason: str) -> None:
+    """``auto`` falls back silently; ``on`` says why the frozen path cannot run and what to do."""
+    if mode == "on":
+        raise ModelError(f"frozen='on' but {reason}; use frozen='auto' or 'off'")
+
+
+def find_split(adapter: ModelAdapter, mode: FrozenMode = "auto") -> Split | None:
+    """The split of ``adapter``'s model below its lowest selected layer, or None where the frozen path cannot help."""
+    if mode not in ("auto", "on", "off"):
+        raise ModelError(f"frozen must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        return None
+    model = adapter.model
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    splitter = Splitter.registry.get(model_type or "")
+    if splitter is None:
+        _no_split(
+            mode,
+            f"no frozen-bottom splitter is registered for {type(model).__name__} (model_type "
+            f"{model_type!r}); register one with class MySplitter(fastif.frozen.Splitter, model_types=(...))",
+        )
+        return None
+    prefix = model.base_model_prefix
+    full = {key: f"{prefix}.{path}" for key, path in (("entry", splitter.entry), ("layers", splitter.layers))}
+    layers = model.get_submodule(full["layers"])
+    below = [f"{prefix}.{path}" for path in splitter.bottom]
+    if any(_under(name, path) for name in adapter.names for path in below):
+        _no_split(mode, "a selected parameter lies in the embeddings, below every layer")
+        return None
+    selected_layers = [i for i in range(len(layers)) if any(_under(n, f"{full['layers']}.{i}") for n in adapter.names)]
+    first = min(selected_layers, default=len(layers))
+    if first == 0 and mode == "auto":
+        return None
+    first_token = splitter.first_token_head and first == len(layers)
+    return Split(full["entry"], full["layers"], first, len(layers), first_token)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a layer below the split: returns its hidden-state input as the real layer's output type."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self.as_tuple else hidden
+
+
+class FrozenAdapter(ModelAdapter):
+    """``base`` on cached bottom activations: same model, selection, L2 mask and loss; batches are
+    ``{"batch": base batch, "hidden": [B, T, H]}`` from :class:`ActivationData`."""
+
+    def __init__(self, base: ModelAdapter, split: Split, layer_returns_tuple: bool = False) -> None:
+        super().__init__(base.model, base.config)
+        self.base, self.split = base, split
+        self._entry = base.model.get_submodule(split.entry)
+        self._layers = base.model.get_submodule(split.layers)
+        self._pass = [_PassThrough(layer_returns_tuple) for _ in range(split.first)]
+
+    @contextlib.contextmanager
+    def _injected(self, hidden: Tensor) -> Iterator[None]:
+        """Run the model with ``hidden`` entering layer ``first`` and the layers below it skipped."""
+        originals = [self._layers[i] for i in range(self.split.first)]
+        handle = self._entry.register_forward_hook(lambda _module, _args, _output: hidden)
+        for i, stand_in in enumerate(self._pass):
+            self._layers[i] = stand_in
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, layer in enumerate(originals):
+                self._layers[i] = layer
+
+    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        with self._injected(batch["hidden"]):
+            return self.base._loss(params, batch["batch"])
+
+    def check_batch(self, batch: Batch) -> None:
+        self.base.check_batch(batch["batch"])
+
+    @torch.no_grad()
+    def features(self, batch: Batch) -> Tensor:
+        with self._injected(batch["hidden"]):
+            return self.base.features(batch["batch"])
+
+
+class ActivationData:
+    """A dataset's examples with their cached bottom activations; ``batch`` pads them like the base batch."""
+
+    def __init__(
+        self,
+        base: Dataset,
+        states: Tensor | np.ndarray,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+        first_token_only: bool = False,
+    ) -> None:
+        self.base, self.states, self.first_token_only = base, states, first_token_only
+        self.offsets, self.sizes = list(offsets), list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The base examples' lengths (so scores and HVPs batch similar lengths together)."""
+        return list(getattr(self.base, "lengths", self.sizes))
+
+    def _state(self, i: int) -> Tensor:
+        rows = self.states[self.offsets[i] : self.offsets[i] + self.sizes[i]]
+        return torch.from_numpy(np.array(rows)) if isinstance(self.states, np.ndarray) else rows
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """The base batch of ``indices`` plus their activations, zero-padded to the base batch's width."""
+        base = self.base.batch(indices)
+        states = [self._state(int(i)) for i in indices]
+        mask = base.get("attention_mask") if isinstance(base, dict) else None
+        width = max(s.shape[0] for s in states) if mask is None or self.first_token_only else mask.shape[-1]
+        hidden = torch.zeros(len(states), width, *states[0].shape[1:], dtype=states[0].dtype)
+        for row, state in enumerate(states):
+            hidden[row, : min(width, state.shape[0])] = state[:width]
+        return {"batch": base, "hidden": hidden}
+
+
+@dataclass
+class Encoded:
+    """One pass over a dataset: its activations at the split, its kNN features [n, d], and whether layers
+    return tuples (so pass-throughs mimic them)."""
+
+    data: ActivationData
+    features: Tensor
+    layer_returns_tuple: bool
+
+
+def _example_sizes(data: Dataset, split: Split) -> list[int] | None:
+    """Rows cached per example: 1 for a first-token head, else its length (None when the dataset has no lengths)."""
+    if split.first_token_only:
+        return [1] * len(data)
+    lengths = getattr(data, "lengths", None)
+    return None if lengths is None else [int(length) for length in lengths]
+
+
+class _Sink:
+    """Preallocated storage for all examples' states: a tensor in RAM, or a memmap on disk past the budget."""
+
+    def __init__(self, sizes: list[int], budget_bytes: int, folder: str | Path | None, first_token: bool) -> None:
+        self.sizes, self.budget, self.folder, self.first_token = sizes, budget_bytes, folder, first_token
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        self.array: Tensor | np.ndarray | None = None
+
+    def _allocate(self, like: Tensor) -> None:
+        shape = (sum(self.sizes), *like.shape[1:])
+        if int(np.prod(shape)) * like.element_size() <= self.budget:
+            self.array = torch.zeros(shape, dtype=like.dtype)
+            return
+        directory = Path(self.folder) if self.folder is not None else Path(tempfile.mkdtemp(prefix="fastif-cache-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = torch.zeros(0, dtype=like.dtype).numpy().dtype
+        self.array = np.lib.format.open_memmap(directory / "activations.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def put(self, i: int, state: Tensor) -> None:
+        if self.array is None:
+            self._allocate(state)
+        rows = slice(self.offsets[i], self.offsets[i] + self.sizes[i])
+        self.array[rows] = state.numpy() if isinstance(self.array, np.ndarray) else state
+
+    def finish(self, data: Dataset) -> ActivationData:
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+        return ActivationData(data, self.array, self.offsets, self.sizes, self.first_token)
+
+
+@torch.no_grad()
+def encode_prefix(
+    adapter: ModelAdapter,
+    data: Dataset,
+    split: Split,
+    batch_size: int = 64,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    folder: str | Path | None = None,
+) -> Encoded:
+    """One no-grad forward over ``data`` (shortest first): the hidden states entering layer ``split.first`` and the
+    kNN features; the states go to a memmap under ``folder`` (default: a temporary folder) past ``budget_bytes``."""
+    if len(data) == 0:
+        raise DataError("cannot cache the activations of an empty dataset")
+    model = adapter.model
+    layers = model.get_submodule(split.layers)
+    source = layers[split.first - 1] if split.first > 0 else model.get_submodule(split.entry)
+    captured: dict[str, Any] = {}
+
+    def capture(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured["tuple"] = isinstance(output, tuple)
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    sizes = _example_sizes(data, split)
+    states: dict[int, Tensor] = {}
+    sink = None if sizes is None else _Sink(sizes, budget_bytes, folder, split.first_token_only)
+    features: dict[int, Tensor] = {}
+    handle = source.register_forward_hook(capture)
+    try:
+        for chunk in index_chunks(length_order(data, list(range(len(data)))), batch_size):
+            feature = adapter.features(adapter.to_device(data.batch(chunk)))
+            hidden = captured["hidden"].detach().cpu()
+            for row, i in enumerate(chunk):
+                state = hidden[row, : hidden.shape[1] if sizes is None else sizes[i]].clone()
+                if sink is None:
+                    states[i] = state
+                else:
+                    sink.put(i, state)
+                features[i] = feature[row].float().cpu()
+    finally:
+        handle.remove()
+    if sink is None:
+        sink = _Sink([states[i].shape[0] for i in range(len(data))], budget_bytes, folder, False)
+        for i, state in states.items():
+            sink.put(i, state)
+    stacked = torch.stack([features[i] for i in range(len(data))])
+    return Encoded(sink.finish(data), stacked, bool(captured.get("tuple", False)))

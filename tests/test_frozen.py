@@ -1,0 +1,159 @@
+"""The frozen-bottom path gives the same numbers as the full model, over a zoo of tiny random transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+import transformers
+
+from fastif import CG, AdapterConfig, Exact, HFClassifierAdapter, Influence
+from fastif.errors import ModelError
+from fastif.frozen import Split, encode_prefix, find_split
+from fastif.scores import ScoreConfig
+
+VOCAB, HIDDEN, LAYERS, LABELS = 40, 8, 3, 3
+
+
+class TokenData:
+    """Random right-padded token sequences of varied length, with labels (a tiny HF-style dataset)."""
+
+    def __init__(self, n: int, seed: int, pad: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.lengths = torch.randint(3, 9, (n,), generator=generator).tolist()
+        self.ids = [torch.randint(1, VOCAB, (length,), generator=generator) for length in self.lengths]
+        self.labels = torch.randint(0, LABELS, (n,), generator=generator)
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        width = max(self.lengths[i] for i in indices)
+        input_ids = torch.full((len(indices), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(indices), width, dtype=torch.long)
+        for row, i in enumerate(indices):
+            input_ids[row, : self.lengths[i]] = self.ids[i]
+            mask[row, : self.lengths[i]] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[list(indices)]}
+
+
+def _config(kind: str) -> transformers.PretrainedConfig:
+    common = dict(vocab_size=VOCAB, num_labels=LABELS, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+    if kind == "bert":
+        return transformers.BertConfig(
+            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=16, **common
+        )
+    if kind == "roberta":
+        return transformers.RobertaConfig(
+            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=16,
+            max_position_embeddings=40, **{**common, "pad_token_id": 1},
+        )  # fmt: skip
+    if kind == "distilbert":
+        return transformers.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=2, hidden_dim=16, **common)
+    if kind == "gpt2":
+        return transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=32, **common)
+    return transformers.LlamaConfig(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, max_position_embeddings=32, **common,
+    )  # fmt: skip
+
+
+ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama")
+
+
+def _top_names(model: torch.nn.Module, split_layers: str, trainable: int) -> tuple[str, ...]:
+    """The top ``trainable`` layers of the stack plus everything above it (head, pooler, final norm)."""
+    prefix = model.base_model_prefix
+    below = [f"{prefix}.{path}" for path in ("embeddings", "wte", "wpe", "embed_tokens")]
+    stack = split_layers
+    names = []
+    for name, _ in model.named_parameters():
+        if any(name.startswith(b + ".") for b in below):
+            continue
+        if name.startswith(stack + ".") and int(name[len(stack) + 1 :].split(".")[0]) < LAYERS - trainable:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _stack(kind: str, model: torch.nn.Module) -> str:
+    paths = {"bert": "encoder.layer", "roberta": "encoder.layer", "distilbert": "transformer.layer", "gpt2": "h"}
+    return f"{model.base_model_prefix}.{paths.get(kind, 'layers')}"
+
+
+def _adapter(kind: str, trainable: int) -> HFClassifierAdapter:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(_config(kind)).double()
+    include = _top_names(model, _stack(kind, model), trainable)
+    head = "score" if kind in ("gpt2", "llama") else "classifier"
+    return HFClassifierAdapter(
+        model, AdapterConfig(include=include, l2=0.1, l2_exclude=("*bias",)), feature_module=head
+    )
+
+
+@pytest.mark.parametrize("trainable", [0, 1, 2])
+@pytest.mark.parametrize("kind", ZOO)
+def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
+    """s_test, scores, kNN candidates and top-k agree to float64 rounding with the cache on and off."""
+    adapter = _adapter(kind, trainable)
+    pad = adapter.model.config.pad_token_id
+    train, test = TokenData(24, 1, pad), TokenData(3, 2, pad)
+    runs = {}
+    for frozen in ("on", "off"):
+        influence = Influence(adapter, train, solver=CG(damping=100.0, tolerance=1e-12), frozen=frozen)
+        assert (influence.split is not None) == (frozen == "on")
+        all_points = influence.candidate_scores(test)
+        knn = influence.candidate_scores(test, num_candidates=6)
+        runs[frozen] = (all_points, knn, influence.top_k(test, k=3))
+    (full_on, knn_on, top_on), (full_off, knn_off, top_off) = runs["on"], runs["off"]
+    torch.testing.assert_close(full_on.solve.x, full_off.solve.x, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(full_on.scores, full_off.scores, rtol=1e-8, atol=1e-12)
+    assert torch.equal(knn_on.indices, knn_off.indices)
+    torch.testing.assert_close(knn_on.scores, knn_off.scores, rtol=1e-8, atol=1e-12)
+    assert torch.equal(top_on.helpful_indices, top_off.helpful_indices)
+    assert torch.equal(top_on.harmful_indices, top_off.harmful_indices)
+
+
+def test_first_token_head_caches_one_row_per_example() -> None:
+    """With only BERT's pooler and classifier selected, the cache holds the [CLS] vector alone."""
+    adapter = _adapter("bert", 0)
+    split = find_split(adapter)
+    assert split == Split("bert.embeddings", "bert.encoder.layer", LAYERS, LAYERS, True)
+    encoded = encode_prefix(adapter, TokenData(10, 3), split, batch_size=4)
+    assert encoded.data.sizes == [1] * 10 and encoded.features.shape == (10, HIDDEN)
+
+
+def test_memmap_cache_past_the_budget_gives_the_same_scores(tmp_path) -> None:
+    """A cache budget of 0 bytes moves the activations to a memmap on disk; the scores do not change."""
+    adapter = _adapter("gpt2", 1)
+    train, test = TokenData(16, 4), TokenData(2, 5)
+    ram = Influence(adapter, train, solver=Exact(damping=100.0))
+    disk = Influence(adapter, train, solver=Exact(damping=100.0), cache_budget_bytes=0, cache_folder=tmp_path)
+    torch.testing.assert_close(ram.scores(test), disk.scores(test), rtol=1e-10, atol=1e-12)
+    assert (tmp_path / "activations.npy").is_file()
+
+
+def test_frozen_modes() -> None:
+    """``auto`` falls back where nothing lies below the selection; ``on`` then says why; bad modes are refused."""
+    adapter = _adapter("bert", LAYERS)  # every layer trainable: nothing below the first one but embeddings
+    assert find_split(adapter, "auto") is None
+    embeddings = HFClassifierAdapter(adapter.model, AdapterConfig(include=("bert.embeddings", "classifier")))
+    assert find_split(embeddings, "auto") is None
+    with pytest.raises(ModelError, match="embeddings"):
+        find_split(embeddings, "on")
+    with pytest.raises(ModelError, match="frozen must be"):
+        find_split(adapter, "yes")  # type: ignore[arg-type]
+
+
+def test_frozen_path_with_jvp_and_grad_scores_agree() -> None:
+    """Both score paths run on the cached activations and give the same numbers."""
+    adapter = _adapter("llama", 1)
+    train, test = TokenData(12, 6), TokenData(1, 7)
+    scores = {
+        method: Influence(adapter, train, Exact(damping=100.0), ScoreConfig(method=method)).scores(test)
+        for method in ("jvp", "grad")
+    }
+    scale = float(scores["grad"].abs().max())
+    torch.testing.assert_close(scores["jvp"], scores["grad"], rtol=1e-8, atol=1e-10 * scale)
