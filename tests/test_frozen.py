@@ -157,3 +157,47 @@ def test_frozen_path_with_jvp_and_grad_scores_agree() -> None:
     }
     scale = float(scores["grad"].abs().max())
     torch.testing.assert_close(scores["jvp"], scores["grad"], rtol=1e-8, atol=1e-10 * scale)
+
+
+def test_bert_last_layer_runs_at_the_first_token_only() -> None:
+    """On the frozen path a BERT head's last layer computes position 0 alone ([B, 1, H]), the full model [B, T, H]."""
+    adapter = _adapter("bert", 2)
+    influence = Influence(adapter, TokenData(6, 8), frozen="on")
+    assert influence.split is not None and influence.split.last_layer is not None
+    head, shapes = influence.work_adapter, []
+    last = adapter.model.bert.encoder.layer[LAYERS - 1]
+    handle = last.register_forward_hook(lambda _m, _a, output: shapes.append(tuple(output.shape)))
+    try:
+        head.per_example_loss(influence.flat, head.to_device(influence.train_view.batch([0, 1])))
+        adapter.per_example_loss(influence.flat, adapter.to_device(TokenData(6, 8).batch([0, 1])))
+    finally:
+        handle.remove()
+    width = max(TokenData(6, 8).lengths[:2])
+    assert shapes == [(2, 1, HIDDEN), (2, width, HIDDEN)]
+
+
+def test_hessian_data_is_the_set_whose_hessian_is_inverted() -> None:
+    """``hessian_data`` changes only H: with it equal to the training set the scores are unchanged, with a subset
+    they equal a dense solve of that subset's Hessian (on the frozen path too)."""
+    adapter = _adapter("bert", 1)
+    train, test = TokenData(16, 9), TokenData(2, 10)
+    base = Influence(adapter, train, Exact(damping=100.0))
+    same = Influence(adapter, train, Exact(damping=100.0), hessian_data=train)
+    torch.testing.assert_close(base.scores(test), same.scores(test), rtol=1e-10, atol=1e-12)
+    subset = Subset8(train)
+    other = Influence(adapter, train, Exact(damping=100.0), hessian_data=subset)
+    reference = Influence(adapter, subset, Exact(damping=100.0))
+    torch.testing.assert_close(other.s_test(test), reference.s_test(test), rtol=1e-10, atol=1e-12)
+
+
+class Subset8:
+    """The first 8 examples of a TokenData."""
+
+    def __init__(self, data: TokenData) -> None:
+        self.data, self.lengths = data, data.lengths[:8]
+
+    def __len__(self) -> int:
+        return 8
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.data.batch(indices)

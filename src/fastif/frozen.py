@@ -20,8 +20,9 @@ Architectures register a :class:`Splitter` by subclassing (``class MySplitter(Sp
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -44,6 +45,9 @@ class Splitter:
     ``entry``: the module whose output enters layer 0; ``layers``: the ``nn.ModuleList`` of layers; ``bottom``:
     modules that run before the stack (a selected parameter there disables the split); ``first_token_head``: the
     head reads only position 0 of the last layer's output (so, with no trainable layer, only that is cached).
+    ``first_token_layer(layer, hidden, mask)``, where given, computes a last layer's output at position 0 only
+    ([B, 1, H]: its query and feed-forward for that position; keys and values for all): the same numbers as the
+    full layer at that position, for about 1/T of its cost beyond the key/value projections.
     """
 
     registry: ClassVar[dict[str, type[Splitter]]] = {}
@@ -51,6 +55,7 @@ class Splitter:
     layers: ClassVar[str]
     bottom: ClassVar[tuple[str, ...]]
     first_token_head: ClassVar[bool] = False
+    first_token_layer: ClassVar[Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None] = None
 
     def __init_subclass__(cls, model_types: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -58,10 +63,28 @@ class Splitter:
             Splitter.registry[model_type] = cls
 
 
+def bert_first_token_layer(layer: nn.Module, hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """A BERT/RoBERTa layer (eval mode, eager attention) evaluated at position 0 only: [B, T, H] -> [B, 1, H]."""
+    attention = layer.attention.self
+    batch = hidden.shape[0]
+    first = hidden[:, :1]
+
+    def heads(projection: nn.Module, states: Tensor) -> Tensor:
+        return projection(states).view(batch, states.shape[1], -1, attention.attention_head_size).transpose(1, 2)
+
+    scores = heads(attention.query, first) @ heads(attention.key, hidden).transpose(2, 3) * attention.scaling
+    if mask is not None:
+        scores = scores + (mask[..., :1, :] if mask.dim() == 4 else mask)
+    context = (scores.softmax(dim=-1) @ heads(attention.value, hidden)).transpose(1, 2).reshape(batch, 1, -1)
+    attended = layer.attention.output(context, first)
+    return layer.output(layer.intermediate(attended), attended)
+
+
 class BertFamilySplitter(Splitter, model_types=("bert", "roberta")):
     """BERT and RoBERTa: ``embeddings`` then ``encoder.layer``; pooler / classification head read [CLS]."""
 
     entry, layers, bottom, first_token_head = "embeddings", "encoder.layer", ("embeddings",), True
+    first_token_layer = staticmethod(bert_first_token_layer)
 
 
 class DistilBertSplitter(Splitter, model_types=("distilbert",)):
@@ -84,13 +107,15 @@ class LlamaSplitter(Splitter, model_types=("llama", "mistral", "qwen2")):
 
 @dataclass(frozen=True)
 class Split:
-    """A model cut below layer ``first`` of ``layers`` (full dotted names); ``first_token_only``: cache [CLS] only."""
+    """A model cut below layer ``first`` of ``layers`` (full dotted names); ``first_token_only``: cache [CLS] only;
+    ``last_layer``: computes the last layer at the first token only (see :class:`Splitter`), or None."""
 
     entry: str
     layers: str
     first: int
     num_layers: int
     first_token_only: bool
+    last_layer: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -131,7 +156,8 @@ def find_split(adapter: ModelAdapter, mode: FrozenMode = "auto") -> Split | None
     if first == 0 and mode == "auto":
         return None
     first_token = splitter.first_token_head and first == len(layers)
-    return Split(full["entry"], full["layers"], first, len(layers), first_token)
+    last_layer = splitter.first_token_layer if splitter.first_token_head and first < len(layers) else None
+    return Split(full["entry"], full["layers"], first, len(layers), first_token, last_layer)
 
 
 class _PassThrough(nn.Module):
@@ -144,6 +170,18 @@ class _PassThrough(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
         return (hidden,) if self.as_tuple else hidden
+
+
+def _first_token_forward(
+    compute: Callable[[nn.Module, Tensor, Tensor | None], Tensor],
+    layer: nn.Module,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Stands in for the last layer's ``forward``: its output at position 0 only, as the layer's output type."""
+    return compute(layer, hidden_states, attention_mask)
 
 
 class FrozenAdapter(ModelAdapter):
@@ -164,12 +202,16 @@ class FrozenAdapter(ModelAdapter):
         handle = self._entry.register_forward_hook(lambda _module, _args, _output: hidden)
         for i, stand_in in enumerate(self._pass):
             self._layers[i] = stand_in
+        last = self._layers[len(self._layers) - 1]
+        if self.split.last_layer is not None:
+            last.forward = functools.partial(_first_token_forward, self.split.last_layer, last)
         try:
             yield
         finally:
             handle.remove()
             for i, layer in enumerate(originals):
                 self._layers[i] = layer
+            last.__dict__.pop("forward", None)
 
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         with self._injected(batch["hidden"]):

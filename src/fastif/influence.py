@@ -81,6 +81,8 @@ class Influence:
     points. ``frozen`` picks the frozen-bottom path (:mod:`fastif.frozen`): ``"auto"`` takes it where a splitter
     knows the architecture and a layer below the selection exists, ``"on"`` insists (ModelError otherwise),
     ``"off"`` never; its activation cache moves to a memmap under ``cache_folder`` past ``cache_budget_bytes``.
+    ``hessian_data`` (default: ``train``) is the set whose objective's Hessian is inverted, as captum's and
+    kronfluence's users can choose, e.g. a subsample of a large training set.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Influence:
         frozen: FrozenMode = "auto",
         cache_budget_bytes: int = DEFAULT_BUDGET_BYTES,
         cache_folder: str | Path | None = None,
+        hessian_data: Any = None,
     ) -> None:
         self.adapter = adapter
         self.train = as_dataset(train)
@@ -108,6 +111,7 @@ class Influence:
         self.index: CandidateIndex | None = None
         self.split = find_split(adapter, frozen)
         self.cache_budget_bytes, self.cache_folder = cache_budget_bytes, cache_folder
+        self.hessian_data = None if hessian_data is None else _non_empty(as_dataset(hessian_data), "Hessian")
         self._fitted = False
 
     # ------------------------------------------------------------------------------------------ frozen path
@@ -156,8 +160,9 @@ class Influence:
 
     @cached_property
     def hessian(self) -> Hessian:
-        """The training objective's Hessian over :attr:`train_view` at the current parameters."""
-        return Hessian(self.work_adapter, self.train_view, self.flat, self.hessian_batch_size, self.hvp_method)
+        """The objective's Hessian over ``hessian_data`` (default: the training set) at the current parameters."""
+        data = self.train_view if self.hessian_data is None else self.prepare(self.hessian_data).data
+        return Hessian(self.work_adapter, data, self.flat, self.hessian_batch_size, self.hvp_method)
 
     # ------------------------------------------------------------------------------------------ s_test
 
