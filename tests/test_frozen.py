@@ -201,3 +201,19 @@ class Subset8:
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self.data.batch(indices)
+
+
+def test_parallel_lissa_on_the_frozen_path_equals_serial() -> None:
+    """``Influence.parallel`` spreads LiSSA chains over 2 local processes on the head; the s_test is the serial one."""
+    from fastif import LiSSA
+    from fastif.runner import RunnerConfig
+
+    adapter = _adapter("bert", 1)
+    train, test = TokenData(16, 11), TokenData(2, 12)
+    solver = LiSSA(depth=12, repeats=2, batch_size=2, damping=100.0, seed=3)
+    serial = Influence(adapter, train, solver).candidate_scores(test, num_candidates=5)
+    influence = Influence(adapter, train, LiSSA(solver.config))
+    with influence.parallel(RunnerConfig(backend="processes", workers=2)):
+        parallel = influence.candidate_scores(test, num_candidates=5)
+    torch.testing.assert_close(parallel.solve.x, serial.solve.x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parallel.scores, serial.scores, rtol=1e-10, atol=1e-12)

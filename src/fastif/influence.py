@@ -16,7 +16,8 @@ per example (:mod:`fastif.frozen`) and every gradient, HVP and score runs on the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,7 @@ from .errors import DataError
 from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, encode_prefix, find_split
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
+from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
 
@@ -113,6 +115,7 @@ class Influence:
         self.cache_budget_bytes, self.cache_folder = cache_budget_bytes, cache_folder
         self.hessian_data = None if hessian_data is None else _non_empty(as_dataset(hessian_data), "Hessian")
         self._fitted = False
+        self._runner: Runner | None = None
 
     # ------------------------------------------------------------------------------------------ frozen path
 
@@ -191,9 +194,28 @@ class Influence:
     def _solve(self, data: Dataset, group: bool) -> SolveResult:
         gradients = self._grads(data, group)
         _check_finite(gradients, "test-loss gradient")
-        result = self.fit().solver.solve(gradients)
+        if self._runner is not None:
+            result = self._runner.solve(self.solver.config, gradients)
+        else:
+            result = self.fit().solver.solve(gradients)
         _check_finite(result.x, "s_test")
         return result
+
+    @contextlib.contextmanager
+    def parallel(self, config: RunnerConfig) -> Iterator[Influence]:
+        """Within this block, s_test solves run on a :class:`~fastif.runner.Runner` (LiSSA chains spread over
+        local processes or torchrun ranks) over this influence's working problem (the frozen path's head)."""
+        hessian = self.hessian
+
+        def build(_device: torch.device) -> Problem:
+            return Problem(self.work_adapter, hessian.data, self.hessian_batch_size, self.hvp_method)
+
+        with Runner(build, config) as runner:
+            self._runner = runner
+            try:
+                yield self
+            finally:
+                self._runner = None
 
     def s_test(self, test: Any, group: bool = False) -> Tensor:
         """``(H + damping·I)⁻¹ ∇L`` per test example [n_test, P], or for the group's mean loss [1, P]."""
