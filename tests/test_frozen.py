@@ -217,3 +217,28 @@ def test_parallel_lissa_on_the_frozen_path_equals_serial() -> None:
         parallel = influence.candidate_scores(test, num_candidates=5)
     torch.testing.assert_close(parallel.solve.x, serial.solve.x, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(parallel.scores, serial.scores, rtol=1e-10, atol=1e-12)
+
+
+def test_store_cache_skips_the_pass_on_a_later_run(tmp_path) -> None:
+    """With ``cache=Store``, the first run saves the activations and features; a second run loads them (no
+    forward pass over the training set) and gives the same scores."""
+    from fastif.store import Store, fingerprint_parameters
+
+    adapter = _adapter("bert", 1)
+    train, test = TokenData(12, 13), TokenData(2, 14)
+    identity = dict(model_fingerprint=fingerprint_parameters(dict(adapter.model.named_parameters())),
+                    data_fingerprint="token-data-13", config={})  # fmt: skip
+    with Store.open(tmp_path / "store", **identity) as store:
+        first = Influence(adapter, train, Exact(damping=100.0), cache=store).candidate_scores(test, num_candidates=4)
+    calls: list[int] = []
+    handle = adapter.model.bert.embeddings.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with Store.open(tmp_path / "store", **identity) as store:
+            influence = Influence(adapter, train, Exact(damping=100.0), cache=store)
+            influence.work_adapter  # noqa: B018 (loads the cache)
+            assert calls == []
+            second = influence.candidate_scores(test, num_candidates=4)
+    finally:
+        handle.remove()
+    assert torch.equal(first.indices, second.indices)
+    torch.testing.assert_close(first.scores, second.scores, rtol=1e-12, atol=0.0)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .adapters import ModelAdapter
 from .data import Batch, Dataset, index_chunks, length_order
 from .errors import DataError, ModelError
+from .store import Store
 
 FrozenMode = Literal["auto", "on", "off"]
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
@@ -358,3 +359,23 @@ def encode_prefix(
             sink.put(i, state)
     stacked = torch.stack([features[i] for i in range(len(data))])
     return Encoded(sink.finish(data), stacked, bool(captured.get("tuple", False)))
+
+
+def cached_encoding(store: Store, split: Split, data: Dataset, compute: Callable[[], Encoded]) -> Encoded:
+    """The encoding of ``data`` at ``split`` from ``store`` (a Store keyed by this model and data), or ``compute()``
+    saved there: activations as a mapped ``.npy`` entry, sizes and features as tensors, named after the split."""
+    name = f"frozen-{split.layers}-{split.first}{'-first-token' if split.first_token_only else ''}"
+    name = name.replace(".", "_")
+    if store.has(f"{name}-states") and store.has(f"{name}-index"):
+        index = store.load(f"{name}-index")
+        sizes = index["sizes"].tolist()
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        states = store.load(f"{name}-states")
+        activations = ActivationData(data, states, offsets, sizes, split.first_token_only)
+        return Encoded(activations, index["features"], bool(store.meta(f"{name}-index")["layer_returns_tuple"]))
+    encoded = compute()
+    states = encoded.data.states
+    store.save_array(f"{name}-states", states if isinstance(states, np.ndarray) else states.numpy())
+    index = {"sizes": torch.tensor(encoded.data.sizes), "features": encoded.features}
+    store.save(f"{name}-index", index, {"layer_returns_tuple": encoded.layer_returns_tuple, "n": len(data)})
+    return encoded

@@ -30,12 +30,13 @@ from .adapters import ModelAdapter
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
-from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, encode_prefix, find_split
+from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, cached_encoding, encode_prefix, find_split
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
+from .store import Store
 
 
 @dataclass
@@ -84,7 +85,9 @@ class Influence:
     knows the architecture and a layer below the selection exists, ``"on"`` insists (ModelError otherwise),
     ``"off"`` never; its activation cache moves to a memmap under ``cache_folder`` past ``cache_budget_bytes``.
     ``hessian_data`` (default: ``train``) is the set whose objective's Hessian is inverted, as captum's and
-    kronfluence's users can choose, e.g. a subsample of a large training set.
+    kronfluence's users can choose, e.g. a subsample of a large training set. ``cache``, a
+    :class:`~fastif.store.Store` opened for this model and training set, keeps the frozen path's training
+    activations and features as entries named after the split, so a later run skips the pass.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Influence:
         cache_budget_bytes: int = DEFAULT_BUDGET_BYTES,
         cache_folder: str | Path | None = None,
         hessian_data: Any = None,
+        cache: Store | None = None,
     ) -> None:
         self.adapter = adapter
         self.train = as_dataset(train)
@@ -116,6 +120,7 @@ class Influence:
         self.hessian_data = None if hessian_data is None else _non_empty(as_dataset(hessian_data), "Hessian")
         self._fitted = False
         self._runner: Runner | None = None
+        self.cache = cache
 
     # ------------------------------------------------------------------------------------------ frozen path
 
@@ -127,8 +132,12 @@ class Influence:
 
     @cached_property
     def _train_encoded(self) -> Encoded | None:
-        """The training set's bottom activations and features (one pass), on the frozen path."""
-        return None if self.split is None else self._encode(self.train, self.cache_folder)
+        """The training set's bottom activations and features (one pass, or the cache's), on the frozen path."""
+        if self.split is None:
+            return None
+        if self.cache is None:
+            return self._encode(self.train, self.cache_folder)
+        return cached_encoding(self.cache, self.split, self.train, lambda: self._encode(self.train, self.cache_folder))
 
     @cached_property
     def work_adapter(self) -> ModelAdapter:
