@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import token_batch
 from torch import nn
 
 from fastif import AdapterConfig, TorchAdapter
@@ -133,6 +134,17 @@ def test_factored_equals_dense_on_a_tiny_gpt2():
     assert all(block.transposed for block in projector.factored if block.name.startswith("gpt2"))
     assert {"gpt2.h.1.attn.c_attn.bias", "head.bias"} <= set(projector.hooked_biases)
     assert any("ln_1" in adapter.space.names[i] for i in projector.vmapped)
+
+
+def test_factored_equals_dense_on_a_tiny_bert_with_padding(bert_adapter):
+    """HF BERT (nn.Linear in attention, FFN, pooler, classifier) on ragged padded token batches."""
+    batch = token_batch(4)
+    projector = Projector(bert_adapter, ProjectionConfig(kind="gaussian", dim=32, layer_dim=6, seed=3))
+    flat = bert_adapter.flat_params()
+    factored = projector.project_batch(flat, batch, chunk_size=2)
+    dense = projector.project_flat(per_example_grads(bert_adapter, flat, batch))
+    torch.testing.assert_close(factored, dense, rtol=1e-9, atol=1e-11)
+    assert len(projector.factored) == 8  # q, k, v, attention output, FFN in and out, pooler, classifier
 
 
 def test_identity_kind_gives_the_gradients_themselves():
