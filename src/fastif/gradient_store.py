@@ -144,12 +144,25 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def _open_store(
-    folder: Path, fingerprints: tuple[str, str], config: dict[str, Any], rank: int, overwrite: bool
+    folder: Path,
+    fingerprints: tuple[str, str],
+    config: dict[str, Any],
+    rank: int,
+    overwrite: bool,
+    barrier: Callable[[], None] | None,
 ) -> Store:
-    """Rank 0 creates or resumes (and locks) the store; other ranks wait for its manifest, then attach."""
+    """Rank 0 creates or resumes (and locks) the store, then meets the others at ``barrier``; they attach after."""
     model, data = fingerprints
     if rank == 0:
-        return Store.open(folder, model_fingerprint=model, data_fingerprint=data, config=config, overwrite=overwrite)
+        try:
+            return Store.open(
+                folder, model_fingerprint=model, data_fingerprint=data, config=config, overwrite=overwrite
+            )
+        finally:  # also on a refusal, so the other ranks go on to attach and report the same error
+            if barrier is not None:
+                barrier()
+    if barrier is not None:
+        barrier()
     deadline = time.monotonic() + ATTACH_TIMEOUT_S
     while not (folder / MANIFEST_FILE).is_file():
         if time.monotonic() > deadline:
@@ -171,11 +184,14 @@ def build_store(
     fingerprint: str | None = None,
     overwrite: bool = False,
     on_shard: Callable[[ShardDone], None] | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> BuildReport:
     """Write this rank's shards of projected per-example gradients of ``data`` at the adapter's current parameters.
 
     Resumes: finished shards are kept, never recomputed. ``fingerprint`` overrides :func:`data_fingerprint` (for a
-    dataset that cannot digest itself). ``on_shard`` is called after each shard (progress bars, ETAs).
+    dataset that cannot digest itself). ``on_shard`` is called after each shard (progress bars, ETAs). Concurrent
+    ranks pass ``barrier`` (``torch.distributed.barrier``): rank 0 opens the store, clearing stale temporary files,
+    before any other rank writes.
     """
     config = config or GradientStoreConfig()
     _check_rank(rank, world_size)
@@ -188,7 +204,7 @@ def build_store(
     num_shards = -(-len(data) // config.shard_size)
     mine = list(range(rank, num_shards, world_size))
     started, computed, reused = time.monotonic(), [], []
-    store = _open_store(folder, fingerprints, manifest_config, rank, overwrite)
+    store = _open_store(folder, fingerprints, manifest_config, rank, overwrite, barrier)
     try:
         flat = adapter.flat_params()
         for done, index in enumerate(mine, start=1):
