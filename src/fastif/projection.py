@@ -69,8 +69,8 @@ def _generator(seed: int, key: tuple[object, ...]) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def random_matrix(kind: Kind, rows: int, cols: int, seed: int, key: tuple[object, ...], scale_rows: int = 0) -> Tensor:
-    """A float32 [rows, cols] JL block keyed by (seed, key), entries of variance 1/``scale_rows`` (default rows)."""
+def random_matrix(kind: Kind, rows: int, cols: int, seed: int, key: tuple[object, ...]) -> Tensor:
+    """A float32 [rows, cols] JL block keyed by (seed, key), entries of variance 1/rows (E‖Rx‖² = ‖x‖²)."""
     generator = _generator(seed, key)
     if kind == "gaussian":
         matrix = torch.randn(rows, cols, generator=generator)
@@ -78,7 +78,7 @@ def random_matrix(kind: Kind, rows: int, cols: int, seed: int, key: tuple[object
         matrix = torch.randint(0, 2, (rows, cols), generator=generator).float().mul_(2).sub_(1)
     else:
         raise ConfigError(f"random_matrix needs kind 'gaussian' or 'rademacher', got {kind!r}")
-    return matrix.mul_((scale_rows or rows) ** -0.5)
+    return matrix.mul_(rows**-0.5)
 
 
 class DenseProjection:
