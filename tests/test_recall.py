@@ -1,0 +1,70 @@
+"""Recall estimates: within ±0.05 of the measured recall on a synthetic JL retrieval, a warning at tiny K."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastif.errors import DataError
+from fastif.projection import DenseProjection, ProjectionConfig
+from fastif.recall import estimate_recall
+
+
+@pytest.fixture(scope="module")
+def retrieval():
+    """2,000 low-rank-plus-noise gradients (P = 1,000) with lognormal norms, JL-projected to d = 64, and 15 queries:
+    (exact scores [15, N], approximate scores [15, N], projected norms [N])."""
+    generator = torch.Generator().manual_seed(0)
+    n, p, rank = 2000, 1000, 10
+    basis = torch.randn(rank, p, generator=generator, dtype=torch.float64)
+    spread = torch.exp(0.7 * torch.randn(n, 1, generator=generator, dtype=torch.float64))
+    grads = torch.randn(n, rank, generator=generator, dtype=torch.float64) * spread @ basis
+    grads += 0.5 * torch.randn(n, p, generator=generator, dtype=torch.float64)
+    queries = torch.randn(15, rank, generator=generator, dtype=torch.float64) @ basis
+    queries += torch.randn(15, p, generator=generator, dtype=torch.float64)
+    projection = DenseProjection(["w"], [p], ProjectionConfig(kind="rademacher", dim=64, seed=0))
+    projected = projection.project_flat(grads)
+    approx = projection.project_flat(queries) @ projected.T
+    return (queries @ grads.T).numpy(), approx.numpy(), projected.norm(dim=1).numpy()
+
+
+def _run(retrieval, candidates: int, k: int = 10):
+    """Mean estimated and measured recall@k over the queries, both sides; and the estimates."""
+    exact, approx, norms = retrieval
+    estimates, measured = [], []
+    for row in range(exact.shape[0]):
+        for sign in (1.0, -1.0):
+            chosen = np.argsort(-sign * approx[row])[:candidates]
+            truth = np.argsort(-sign * exact[row])[:k]
+            result = estimate_recall(approx[row], chosen, exact[row, chosen], k, scale=norms, largest=sign > 0)
+            estimates.append(result)
+            measured.append(len(set(truth) & set(chosen)) / k)
+    return float(np.mean([e.estimate for e in estimates])), float(np.mean(measured)), estimates
+
+
+@pytest.mark.parametrize("candidates", [15, 40])
+def test_estimate_is_within_005_of_the_measured_recall(retrieval, candidates):
+    estimate, measured, results = _run(retrieval, candidates)
+    assert 0.5 < measured < 1.0  # the case is neither trivial nor hopeless
+    assert abs(estimate - measured) <= 0.05
+    assert all(r.lower <= r.estimate <= r.upper for r in results)
+
+
+def test_warns_at_tiny_k_and_suggests_a_larger_one(retrieval):
+    _, _, small = _run(retrieval, 10)
+    warned = [r for r in small if r.warning is not None]
+    assert len(warned) > len(small) / 2
+    assert all("too few" in r.warning and r.suggested_k > 10 for r in warned)
+    _, _, large = _run(retrieval, 200)
+    assert sum(r.warning is not None for r in large) < len(large) / 4
+
+
+def test_refuses_bad_inputs():
+    approx = np.arange(10.0)
+    with pytest.raises(DataError, match="cannot hold"):
+        estimate_recall(approx, np.array([9, 8]), np.array([1.0, 2.0]), 5)
+    with pytest.raises(DataError, match="unique"):
+        estimate_recall(approx, np.array([9, 9, 8]), np.ones(3), 2)
+    with pytest.raises(DataError, match="needs 3"):
+        estimate_recall(approx, np.array([9, 8, 7]), np.ones(2), 2)
