@@ -249,6 +249,11 @@ class ActivationData:
         """The base examples' lengths (so scores and HVPs batch similar lengths together)."""
         return list(getattr(self.base, "lengths", self.sizes))
 
+    def fingerprint(self) -> str | None:
+        """The base dataset's content fingerprint, where it has one (the activations follow from it and the model)."""
+        method = getattr(self.base, "fingerprint", None)
+        return str(method()) if callable(method) else None
+
     def _state(self, i: int) -> Tensor:
         rows = self.states[self.offsets[i] : self.offsets[i] + self.sizes[i]]
         return torch.from_numpy(np.array(rows)) if isinstance(self.states, np.ndarray) else rows

@@ -21,8 +21,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +32,10 @@ from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
 from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, cached_encoding, encode_prefix, find_split
+from .gradient_store import GradientStore, GradientStoreConfig, build_store
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
+from .recall import RecallEstimate, estimate_recall
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
@@ -49,22 +52,28 @@ class TopK:
     harmful_scores: Tensor
 
 
+CandidateMethod = Literal["all", "features", "gradients"]
+
+
 @dataclass
 class CandidateScores:
-    """Each test point's scored candidates: ``indices`` [n, K] into the training set, their ``scores`` [n, K],
-    the ``solve`` that made s_test (with its diagnostics) and how the candidates were found (``method``)."""
+    """Each test point's scored candidates: ``indices`` [n, K] into the training set (a point retrieved on both
+    sides may appear twice; :meth:`top_k` counts it once), their exact ``scores`` [n, K], the ``solve`` that made
+    s_test (with its diagnostics), how the candidates were found (``method``) and, for gradient retrieval, per row
+    the estimated recall of the exact top-k on each side (``recall[i]["helpful"|"harmful"]``)."""
 
     indices: Tensor
     scores: Tensor
     solve: SolveResult
     method: str
+    recall: list[dict[str, RecallEstimate]] | None = None
 
     def top_k(self, k: int) -> TopK:
-        """The ``k`` most helpful and most harmful of each row's candidates."""
-        _check_k(k, self.indices.shape[1], "top_k")
-        helpful_scores, helpful = self.scores.topk(k, dim=1, largest=True)
-        harmful_scores, harmful = self.scores.topk(k, dim=1, largest=False)
-        return TopK(self.indices.gather(1, helpful), helpful_scores, self.indices.gather(1, harmful), harmful_scores)
+        """The ``k`` most helpful and most harmful of each row's (distinct) candidates."""
+        rows = [_distinct(self.indices[i], self.scores[i]) for i in range(self.indices.shape[0])]
+        _check_k(k, min(len(indices) for indices, _ in rows), "top_k")
+        tops = [_row_top_k(indices, scores, k) for indices, scores in rows]
+        return TopK(*(torch.stack([top[part] for top in tops]) for part in range(4)))
 
 
 @dataclass
@@ -121,6 +130,7 @@ class Influence:
         self._fitted = False
         self._runner: Runner | None = None
         self.cache = cache
+        self.gradients: GradientStore | None = None
 
     # ------------------------------------------------------------------------------------------ frozen path
 
@@ -268,28 +278,85 @@ class Influence:
         num_candidates: int | None = None,
         group: bool = False,
         train_indices: Sequence[int] | None = None,
+        method: CandidateMethod | None = None,
+        recall_k: int = 10,
     ) -> CandidateScores:
-        """FastIF's path, written once: candidates → s_test → scores of each test point's candidates.
+        """FastIF's path, written once: candidates → s_test → exact scores of each test point's candidates.
 
-        With ``num_candidates=K`` the candidates are each test point's K nearest training points (FAISS over the
-        adapter's features; for a ``group``, those nearest its mean feature); without it, every point of
-        ``train_indices`` (default: the whole training set) is scored.
+        ``method`` (default: ``"features"`` with ``num_candidates``, else ``"all"``): ``"all"`` scores every point
+        of ``train_indices`` (default: the whole training set); ``"features"`` the ``num_candidates`` nearest in
+        feature space (FAISS; for a ``group``, nearest its mean feature); ``"gradients"`` retrieves, from the
+        gradient store (:meth:`use_gradient_store`), half of ``num_candidates`` with the largest and half with the
+        most negative projected score, reranks them exactly and estimates the recall of the exact top-``recall_k``.
         """
+        method = method or ("all" if num_candidates is None else "features")
+        if method not in ("all", "features", "gradients"):
+            raise DataError(f"method must be 'all', 'features' or 'gradients', got {method!r}")
+        if method != "all" and train_indices is not None:
+            raise DataError("give either train_indices (scores them all) or num_candidates, not both")
         prepared = self.prepare(test)
+        if method == "all":
+            return self._score_all(prepared, group, train_indices)
         if num_candidates is None:
-            _check_indices(train_indices, len(self.train))
-            pool = list(range(len(self.train))) if train_indices is None else [int(i) for i in train_indices]
-            result = self._solve(prepared.data, group)
-            scores = self.score_s_test(result.x, pool)
-            indices = torch.as_tensor(pool, dtype=torch.long).expand(scores.shape[0], -1)
-            return CandidateScores(indices.contiguous(), scores, result, "all")
-        if train_indices is not None:
-            raise DataError("give either train_indices or num_candidates, not both")
+            raise DataError(f"method={method!r} needs num_candidates, the number of training points to score")
         _check_k(num_candidates, len(self.train), "num_candidates")
-        neighbours = self._nearest(prepared, num_candidates, group)
+        if method == "features":
+            neighbours = self._nearest(prepared, num_candidates, group)
+            result = self._solve(prepared.data, group)
+            rows = [self.score_s_test(result.x[i : i + 1], row.tolist()) for i, row in enumerate(neighbours)]
+            return CandidateScores(neighbours.long(), torch.cat(rows), result, "features")
+        return self._retrieve_and_rerank(prepared, num_candidates, group, recall_k)
+
+    def _score_all(self, prepared: _Prepared, group: bool, train_indices: Sequence[int] | None) -> CandidateScores:
+        _check_indices(train_indices, len(self.train))
+        pool = list(range(len(self.train))) if train_indices is None else [int(i) for i in train_indices]
         result = self._solve(prepared.data, group)
-        rows = [self.score_s_test(result.x[i : i + 1], row.tolist()) for i, row in enumerate(neighbours)]
-        return CandidateScores(neighbours.long(), torch.cat(rows), result, "features")
+        scores = self.score_s_test(result.x, pool)
+        indices = torch.as_tensor(pool, dtype=torch.long).expand(scores.shape[0], -1)
+        return CandidateScores(indices.contiguous(), scores, result, "all")
+
+    def use_gradient_store(self, store: GradientStore) -> Influence:
+        """Retrieve ``method="gradients"`` candidates from ``store`` (built by :func:`fastif.gradient_store.
+        build_store` over :attr:`work_adapter` and :attr:`train_view`, see :meth:`build_gradient_store`)."""
+        if store.n != len(self.train):
+            raise DataError(f"the gradient store holds {store.n} points but the training set has {len(self.train)}")
+        self.gradients = store
+        return self
+
+    def build_gradient_store(self, folder: str | Path, config: GradientStoreConfig | None = None, **options: Any):
+        """Build (or resume) the training set's gradient store in ``folder`` on the working path, open it and use
+        it for retrieval; ``options`` go to :func:`~fastif.gradient_store.build_store`. Returns its BuildReport."""
+        report = build_store(self.work_adapter, self.train_view, folder, config, **options)
+        self.use_gradient_store(GradientStore.open(folder, self.work_adapter, self.train_view, config))
+        return report
+
+    def _retrieve_and_rerank(
+        self, prepared: _Prepared, num_candidates: int, group: bool, recall_k: int
+    ) -> CandidateScores:
+        if self.gradients is None:
+            raise DataError("method='gradients' needs a gradient store: call build_gradient_store(folder) first")
+        store = self.gradients
+        per_side = max(1, -(-num_candidates // 2))
+        _check_k(recall_k, per_side, "recall_k (at most num_candidates / 2)")
+        result = self._solve(prepared.data, group)
+        found = store.search(result.x, per_side)
+        approximate = store.scores(result.x)
+        rows, recall = [], []
+        for i in range(result.x.shape[0]):
+            helpful, harmful = found.helpful[i], found.harmful[i]
+            exact = self.score_s_test(result.x[i : i + 1], [*helpful.tolist(), *harmful.tolist()])[0]
+            rows.append((torch.as_tensor(np.concatenate([helpful, harmful])), exact))
+            sides = {"helpful": (helpful, exact[:per_side], True), "harmful": (harmful, exact[per_side:], False)}
+            recall.append(
+                {
+                    side: estimate_recall(
+                        approximate[i], ids, values.double().numpy(), recall_k, scale=store.norms, largest=largest
+                    )
+                    for side, (ids, values, largest) in sides.items()
+                }
+            )
+        indices = torch.stack([row[0] for row in rows]).long()
+        return CandidateScores(indices, torch.stack([row[1] for row in rows]), result, "gradients", recall)
 
     def top_k(
         self,
@@ -325,6 +392,21 @@ class Influence:
             self.work_adapter, self.flat, self.train_view, indices, len(indices), self.score_config.chunk_size
         )
         return (gradients * self.solver.solve(gradients).x).sum(dim=1)
+
+
+def _distinct(indices: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """A row's candidates with repeated training indices dropped (first occurrence kept)."""
+    seen: dict[int, int] = {}
+    for position, index in enumerate(indices.tolist()):
+        seen.setdefault(index, position)
+    keep = torch.tensor(list(seen.values()), dtype=torch.long)
+    return indices[keep], scores[keep]
+
+
+def _row_top_k(indices: Tensor, scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    helpful_scores, helpful = scores.topk(k, largest=True)
+    harmful_scores, harmful = scores.topk(k, largest=False)
+    return indices[helpful], helpful_scores, indices[harmful], harmful_scores
 
 
 def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | None = None) -> TopK:
