@@ -262,11 +262,13 @@ def test_a_nan_only_in_the_backward_is_said_to_be_there():
 def test_sliding_rows_that_block_every_key_stay_finite_in_float64():
     """ModernBERT's float32 softmax turns float64's finfo.min into -inf; the adapter's masks stay finite there."""
     config = transformers.ModernBertConfig(
-        **_tiny_bert_sizes(), num_labels=2, pad_token_id=0, local_attention=4, global_attn_every_n_layers=2,
+        **{**_tiny_bert_sizes(), "num_hidden_layers": 2}, num_labels=2, pad_token_id=0, local_attention=4,
+        global_attn_every_n_layers=2,
         max_position_embeddings=16, attn_implementation="eager",
     )  # fmt: skip
     model = transformers.ModernBertForSequenceClassification(config).double().eval()
     adapter = HFClassifierAdapter(model, AdapterConfig(include=("model.layers.0.attn.Wqkv", "classifier")))
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
     mask = torch.tensor([[1] * 7, [1, 1] + [0] * 5])  # row 1, query 6: its window (keys 4-6) is all padding
     batch = {"input_ids": torch.randint(1, 30, (2, 7)) * mask, "attention_mask": mask, "labels": torch.tensor([0, 1])}
     params = adapter.space.unflatten(adapter.flat_params())
