@@ -14,13 +14,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from .data import Batch, batch_len, batch_tensors, map_tensors
 from .errors import DataError, ModelError
@@ -102,14 +103,30 @@ class ParameterSpace:
         return torch.cat(parts)
 
 
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch every HuggingFace (sub)model inside ``model`` to eager attention, in place.
+
+    Double backward (the Hessian) is not implemented for the SDPA/flash attention kernels on CPU.
+    """
+    for module in model.modules():
+        current = getattr(getattr(module, "config", None), "_attn_implementation", "eager")
+        if hasattr(module, "set_attn_implementation") and current != "eager":
+            module.set_attn_implementation("eager")
+
+
 class ModelAdapter(ABC):
     """Functional view of a model: per-example loss of a flat parameter vector, plus features for kNN.
 
-    The model is put in eval mode (no dropout), so losses are deterministic functions of θ.
+    The model is put in eval mode (no dropout), so losses are deterministic functions of θ, and HuggingFace
+    (sub)models are switched to eager attention (second-order autodiff fails under SDPA/flash kernels on CPU).
+    ``unsupported`` collects the torch.func transforms (``"vmap"``, ``"jvp"``) found not to work on this model, so
+    the gradient stage takes its fallback path at once (see :mod:`fastif.grads`).
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig | None = None) -> None:
+        use_eager_attention(model)
         self.model = model.eval()
+        self.unsupported: set[str] = set()
         self.config = config or AdapterConfig()
         if self.config.l2 < 0:
             raise ModelError(f"l2 must be >= 0, got {self.config.l2}")
@@ -183,6 +200,36 @@ class ModelAdapter(ABC):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise DataError("the batch contains NaN or Inf values; clean or impute the inputs first")
 
+    def locate_nonfinite(self, flat: Tensor, batch: Batch) -> str:
+        """Where NaN/Inf first appears when ``batch`` runs at ``flat``: a module's output (forward hooks, in execution
+        order), the loss, or else the backward pass. A diagnostic re-run for error messages, not for the fast path."""
+        batch = self.to_device(batch)
+        first: list[str] = []
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, _args: Any, output: Any) -> None:
+                if not first and any(
+                    t.is_floating_point() and not bool(t.isfinite().all()) for t in batch_tensors(output)
+                ):
+                    first.append(
+                        f"module {name!r} ({type(module).__name__})" if name else "the model's top-level forward"
+                    )
+
+            return hook
+
+        handles = [module.register_forward_hook(record(name)) for name, module in self.model.named_modules()]
+        try:
+            with torch.no_grad():
+                losses = self._loss(self.space.unflatten(flat), batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if first:
+            return f"NaN/Inf first appears in the output of {first[0]}; check that module's inputs and weights"
+        if not bool(losses.isfinite().all()):
+            return "the model's outputs are finite but the loss is NaN/Inf; check the loss function (e.g. log of zero)"
+        return "the forward pass and the loss are finite, so NaN/Inf arises in the backward pass (e.g. sqrt at zero)"
+
     @abstractmethod
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Per-example loss [B] with the selected parameters set to ``params``."""
@@ -240,58 +287,213 @@ def additive_attention_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def attention_bias(mask: Tensor, dtype: torch.dtype, causal: bool, window: int | None = None) -> Tensor:
+    """Turn a [B, T] 0/1 padding mask into the [B, 1, T, T] additive mask eager attention adds to its scores.
+
+    0 where a query may attend a key, a large negative number elsewhere: ``finfo(dtype).min``, but never below
+    float32's, so a row that blocks every key stays finite in the float32 softmax that Llama and ModernBERT run
+    (float64's minimum casts to -inf there and turns padded positions, then gradients, into NaN). ``causal`` adds
+    ``key <= query``; ``window`` a sliding window, ``query - key < window`` when causal and ``|query - key| <= window``
+    otherwise (transformers' masking_utils rules). Tensor operations only, no data-dependent branches, so it works
+    under ``torch.func.vmap``.
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    offset = positions[:, None] - positions[None, :]
+    allowed = mask[:, None, None, :].bool()
+    if causal:
+        allowed = allowed & (offset >= 0)
+    if window is not None:
+        allowed = allowed & ((offset < window) if causal else (offset.abs() <= window))
+    blocked = max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=mask.device), blocked)
+
+
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+HEAD_NAMES = ("classifier", "score", "logits_proj")
+MaskMode = Literal["model", "built"]
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    """True if the model's attention is causal (decoders such as GPT-2 or Llama): an attention module says so
+    (``is_causal``, transformers 5) or the config is a decoder's."""
+    flags = any(getattr(module, "is_causal", False) is True for module in model.modules())
+    return flags or bool(getattr(model.config, "is_decoder", False))
+
+
+def find_head(model: nn.Module, outputs: int) -> str:
+    """Name of the classification head: a known name (``classifier``, ``score``, ``logits_proj``), else the last
+    ``nn.Linear`` giving ``outputs`` values (one logit per class, or per choice)."""
+    modules = dict(model.named_modules())
+    for name in HEAD_NAMES:
+        if name in modules:
+            return name
+    linears = [
+        name for name, module in modules.items() if isinstance(module, nn.Linear) and module.out_features == outputs
+    ]
+    if not linears:
+        raise ModelError(
+            f"cannot find the classification head of {type(model).__name__} (no module named {', '.join(HEAD_NAMES)} "
+            f"and no nn.Linear with {outputs} outputs); pass feature_module= (the module whose input is the feature)"
+        )
+    return linears[-1]
+
+
+def _unsqueezed(batch: Batch) -> Batch:
+    return map_tensors(lambda t: t.unsqueeze(0), batch)
 
 
 class HFClassifierAdapter(ModelAdapter):
-    """HuggingFace ``*ForSequenceClassification`` models on dict batches with ``input_ids``, ``attention_mask``
-    (optional ``token_type_ids``) and ``labels``; loss = cross-entropy against ``labels``.
+    """HuggingFace ``*ForSequenceClassification`` and ``*ForMultipleChoice`` models on dict batches with
+    ``input_ids``, ``attention_mask`` (optional ``token_type_ids``) and ``labels``; loss = cross-entropy against
+    ``labels`` (a class, or a choice: multiple-choice inputs are shaped [B, num_choices, T]).
 
-    Switches attention to the eager implementation (second-order autodiff fails under SDPA on CPU) and feeds a
-    4-D additive float mask (so ``torch.func.vmap`` works). Features are the classifier's input (for BERT: the
-    pooled [CLS] vector), captured with a forward hook on ``feature_module`` (default ``"classifier"``).
+    The adapter must reproduce the model's own forward under ``torch.func.vmap``, where transformers' mask
+    construction fails (BERT-style encoders check the mask with Python branches). So a forward pre-hook on the base
+    model swaps the 2-D mask for the 4-D additive mask(s) its attention needs: causal for decoders, per layer type
+    for models mixing full and sliding-window layers (``mask_mode="built"``). Models that read the 2-D mask
+    themselves (DeBERTa-v2 multiplies its embeddings by it) get it unchanged (``mask_mode="model"``). The first mode
+    whose logits equal the model's own on a padded probe batch is chosen when the adapter is built.
+    Features are the input of ``feature_module`` (default: the head, found from the model), at the position the
+    model classifies from ([CLS] for encoders, the last non-pad token for decoders).
     """
 
     def __init__(
-        self, model: nn.Module, config: AdapterConfig | None = None, feature_module: str = "classifier"
+        self, model: nn.Module, config: AdapterConfig | None = None, feature_module: str | None = None
     ) -> None:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
         super().__init__(model, config)
+        self.multiple_choice = type(model).__name__.endswith("ForMultipleChoice")
+        self.causal = is_causal_model(model)
+        self.feature_name = feature_module or find_head(model, 1 if self.multiple_choice else model.config.num_labels)
         modules = dict(model.named_modules())
-        if feature_module not in modules:
-            raise ModelError(f"feature_module {feature_module!r} is not a module of the model")
-        self.feature_module = modules[feature_module]
+        if self.feature_name not in modules:
+            raise ModelError(f"feature_module {self.feature_name!r} is not a module of the model")
+        self.feature_module = modules[self.feature_name]
+        self.mask_mode: MaskMode = self._choose_mask_mode()
 
     def _model_inputs(self, batch: Batch) -> dict[str, Tensor]:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise DataError("HuggingFace batches must be dicts with 'input_ids', 'attention_mask' and 'labels'")
         inputs = {key: batch[key] for key in HF_INPUT_KEYS if key in batch}
-        if "attention_mask" in inputs:
-            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], self.dtype)
+        if "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         return inputs
 
+    def _layer_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
+        """The 4-D mask for a [B, T] padding mask; a dict by layer type for models mixing full and sliding layers."""
+        config = self.model.config
+        kinds = set(getattr(config, "layer_types", None) or ("full_attention",))
+        if kinds == {"full_attention"}:
+            return attention_bias(mask, self.dtype, self.causal)
+        if not kinds <= {"full_attention", "sliding_attention"}:
+            raise ModelError(f"HFClassifierAdapter cannot build masks for the attention layer types {sorted(kinds)}")
+        return {
+            kind: attention_bias(
+                mask, self.dtype, self.causal, None if kind == "full_attention" else config.sliding_window
+            )
+            for kind in kinds
+        }
+
+    def _swap_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return None
+        return args, {**kwargs, "attention_mask": self._layer_masks(mask)}
+
+    @contextmanager
+    def _masks_for_mode(self) -> Iterator[None]:
+        """In ``"built"`` mode, swap the base model's 2-D mask for the 4-D one(s) while the block runs."""
+        if self.mask_mode != "built":
+            yield
+            return
+        base = getattr(self.model, "base_model", self.model)
+        handle = base.register_forward_pre_hook(self._swap_mask, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def logits(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        """Classifier logits [B, C] with the selected parameters set to ``params``."""
-        return self.functional_call(params, (), self._model_inputs(batch)).logits
+        """Classifier logits [B, C] (C classes, or choices) with the selected parameters set to ``params``."""
+        with self._masks_for_mode():
+            return self.functional_call(params, (), self._model_inputs(batch)).logits
 
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         return torch.nn.functional.cross_entropy(self.logits(params, batch), batch["labels"], reduction="none")
 
+    def _probe_batch(self) -> dict[str, Tensor]:
+        """Two token rows, the second right-padded (one 2-choice example for multiple choice), for the mask check."""
+        config, length = self.model.config, 6
+        pad = getattr(config, "pad_token_id", None)
+        tokens = [i for i in range(1, min(getattr(config, "vocab_size", 8), 8)) if i != pad][:3]
+        ids = torch.tensor([tokens * 2, tokens + [0 if pad is None else pad] * 3], device=self.device)
+        mask = torch.tensor([[1] * length, [1] * 3 + [0] * 3], device=self.device)
+        if self.multiple_choice:
+            ids, mask = ids[None], mask[None]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _choose_mask_mode(self) -> MaskMode:
+        """The first mask mode whose vmapped logits equal the model's own on the probe batch; ModelError if none."""
+        probe = self._probe_batch()
+        params = self.space.unflatten(self.flat_params())
+        with torch.no_grad():
+            rows = [map_tensors(lambda t, i=i: t[i : i + 1], probe) for i in range(len(probe["input_ids"]))]
+            expected = torch.cat([self.model(**row).logits for row in rows])
+        failures = []
+        for mode in ("built", "model"):
+            self.mask_mode = mode
+            try:
+                with torch.no_grad():
+                    got = vmap(lambda example: self.logits(params, _unsqueezed(example)).squeeze(0))(probe)
+            except (RuntimeError, ValueError) as error:
+                failures.append(f"{mode} masks: {str(error).splitlines()[0][:120]}")
+                continue
+            gap = float((got - expected).abs().max())
+            if gap <= 100 * torch.finfo(self.dtype).eps * float(expected.abs().max()):  # rounding only
+                return mode
+            failures.append(f"{mode} masks: logits differ by {gap:.2g}")
+        raise ModelError(
+            f"HFClassifierAdapter cannot reproduce {type(self.model).__name__}'s own forward under torch.func.vmap "
+            f"({'; '.join(failures)}); wrap the model in a TorchAdapter with its own loss function instead"
+        )
+
     def check_batch(self, batch: Batch) -> None:
         super().check_batch(batch)
-        self._model_inputs(batch)
-        labels, classes = batch["labels"], self.model.config.num_labels
+        inputs = self._model_inputs(batch)
+        if "labels" not in batch:
+            raise DataError("HuggingFace batches must be dicts with 'input_ids', 'attention_mask' and 'labels'")
+        ids, labels = inputs["input_ids"], batch["labels"]
+        if self.multiple_choice and ids.dim() != 3:
+            raise DataError(f"multiple-choice input_ids must be shaped [B, num_choices, T], got {tuple(ids.shape)}")
+        classes = ids.shape[1] if self.multiple_choice else self.model.config.num_labels
+        kind = "choice" if self.multiple_choice else "class"
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise DataError(f"labels must lie in [0, {classes - 1}] for this {classes}-class model")
+            raise DataError(f"labels must lie in [0, {classes - 1}] for this {classes}-{kind} model")
+        if self.causal and self.model.config.pad_token_id is None and not bool(inputs["attention_mask"].all()):
+            raise DataError(
+                "this decoder classifies from its last position, padding included, because model.config.pad_token_id "
+                "is None; set model.config.pad_token_id = tokenizer.pad_token_id"
+            )
+
+    def _pooled_positions(self, ids: Tensor) -> Tensor:
+        """The position each row is classified from, as the decoder heads do: the last token that is not padding."""
+        pad = self.model.config.pad_token_id
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        if pad is None:
+            return torch.full(ids.shape[:1], ids.shape[-1] - 1, device=ids.device)
+        return (positions * (ids != pad)).argmax(-1)
 
     @torch.no_grad()
     def features(self, batch: Batch) -> Tensor:
+        inputs = self._model_inputs(batch)
         captured: list[Tensor] = []
         handle = self.feature_module.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**self._model_inputs(batch))
+            self.model(**inputs)
         finally:
             handle.remove()
         feature = captured[0]
-        return feature[:, 0] if feature.dim() == 3 else feature
+        if feature.dim() == 3:
+            ids = inputs["input_ids"].reshape(-1, inputs["input_ids"].shape[-1])
+            position = self._pooled_positions(ids) if self.causal else torch.zeros_like(ids[:, 0])
+            feature = feature[torch.arange(len(feature), device=feature.device), position]
+        return feature.reshape(inputs["input_ids"].shape[0], -1)

@@ -2,10 +2,16 @@
 
 Both operate on the adapter's flat parameter vector. ``directional_derivatives`` gives ∇L(z_j)·t for a whole
 batch from one forward-mode pass, without materialising the [B, P] gradient matrix.
+
+Some models do not support a transform (``vmap`` over nn.LSTM/GRU/RNN, forward-mode AD through CPU LSTM kernels).
+Then the same numbers come from a fallback: a loop of ``grad`` over single examples instead of vmap, gradient dot
+products instead of jvp. The first failure is recorded in ``adapter.unsupported`` and warned about once per adapter,
+naming the path that runs; an error the fallback hits too is the model's own and is raised as such.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +20,9 @@ from torch.func import grad, jvp, vmap
 
 from .adapters import ModelAdapter
 from .data import Batch, Dataset, batch_len, iter_batches, map_tensors
+from .errors import DataError
+
+TRANSFORM_ERRORS = (RuntimeError, DataError)  # what a transform's failure surfaces as (DataError wraps model errors)
 
 
 def _single_example_loss(adapter: ModelAdapter):
@@ -29,23 +38,60 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
     return map_tensors(lambda t: t[start:stop], batch)
 
 
+def _fall_back(adapter: ModelAdapter, transform: str, error: Exception, path: str) -> None:
+    """Record that ``transform`` fails on this model and warn once, naming the path that runs instead."""
+    adapter.unsupported.add(transform)
+    reason = str(error.__cause__ or error).splitlines()[0][:160]
+    warnings.warn(
+        f"fastif: torch.func.{transform} does not work on {type(adapter.model).__name__} ({reason}); {path}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _looped_grads(adapter: ModelAdapter, flat: Tensor, batch: Batch) -> Tensor:
+    """Per-example gradients one example at a time: the path for models that vmap cannot batch (RNNs)."""
+    loss_grad = grad(_single_example_loss(adapter))
+    return torch.stack([loss_grad(flat, map_tensors(lambda t, i=i: t[i], batch)) for i in range(batch_len(batch))])
+
+
+def _chunk_grads(adapter: ModelAdapter, flat: Tensor, chunk: Batch) -> Tensor:
+    """Per-example gradients of one chunk: vmap of grad, or the loop where vmap fails on this model."""
+    if "vmap" in adapter.unsupported:
+        return _looped_grads(adapter, flat, chunk)
+    try:
+        return vmap(grad(_single_example_loss(adapter)), in_dims=(None, 0))(flat, chunk)
+    except TRANSFORM_ERRORS as error:
+        looped = _looped_grads(adapter, flat, chunk)  # raises the model's own error if it is not vmap's
+        _fall_back(adapter, "vmap", error, "per-example gradients run as a loop over examples (same numbers, slower)")
+        return looped
+
+
 def per_example_grads(adapter: ModelAdapter, flat: Tensor, batch: Batch, chunk_size: int = 32) -> Tensor:
     """∇_θ L(z_j; θ) for every example of ``batch``: a [B, P] tensor, computed ``chunk_size`` examples at a time."""
     batch = adapter.to_device(batch)
     adapter.check_batch(batch)
-    grad_fn = vmap(grad(_single_example_loss(adapter)), in_dims=(None, 0))
     size = batch_len(batch)
     with torch.no_grad():
-        return torch.cat([grad_fn(flat, _slice(batch, i, i + chunk_size)) for i in range(0, size, chunk_size)])
+        return torch.cat(
+            [_chunk_grads(adapter, flat, _slice(batch, i, i + chunk_size)) for i in range(0, size, chunk_size)]
+        )
 
 
 def directional_derivatives(adapter: ModelAdapter, flat: Tensor, batch: Batch, tangent: Tensor) -> Tensor:
-    """∇_θ L(z_j; θ)·tangent for every example of ``batch`` ([B]), by one ``torch.func.jvp`` of the loss vector."""
+    """∇_θ L(z_j; θ)·tangent for every example of ``batch`` ([B]), by one ``torch.func.jvp`` of the loss vector,
+    or by gradient dot products where forward-mode AD fails on this model."""
     batch = adapter.to_device(batch)
     adapter.check_batch(batch)
-    with torch.no_grad():
-        _, derivative = jvp(lambda theta: adapter.per_example_loss(theta, batch), (flat,), (tangent,))
-    return derivative
+    if "jvp" not in adapter.unsupported:
+        try:
+            with torch.no_grad():
+                return jvp(lambda theta: adapter.per_example_loss(theta, batch), (flat,), (tangent,))[1]
+        except TRANSFORM_ERRORS as error:
+            dots = per_example_grads(adapter, flat, batch) @ tangent  # raises the model's own error if not jvp's
+            _fall_back(adapter, "jvp", error, "scores run as gradient dot products (same numbers)")
+            return dots
+    return per_example_grads(adapter, flat, batch) @ tangent
 
 
 def dataset_grads(

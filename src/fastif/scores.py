@@ -70,9 +70,8 @@ def iter_scores(
         scores = batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
         bad = [chunk[j] for j in (~torch.isfinite(scores)).any(dim=0).nonzero().flatten().tolist()]
         if bad:
-            raise DataError(
-                f"non-finite loss gradient for training example(s) {bad[:10]}; check those inputs and labels"
-            )
+            where = adapter.locate_nonfinite(flat, train.batch(bad[:10]))
+            raise DataError(f"non-finite loss gradient for training example(s) {bad[:10]}: {where}")
         yield chunk, scores
 
 
