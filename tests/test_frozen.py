@@ -148,7 +148,8 @@ def test_frozen_modes() -> None:
 
 
 def test_frozen_path_with_jvp_and_grad_scores_agree() -> None:
-    """Both score paths run on the cached activations and give the same numbers."""
+    """Both score paths run on the cached activations and give the same numbers (to 1e-6: Llama computes its
+    RMSNorm in float32 even in a float64 model, see tests/test_zoo.py)."""
     adapter = _adapter("llama", 1)
     train, test = TokenData(12, 6), TokenData(1, 7)
     scores = {
@@ -156,7 +157,7 @@ def test_frozen_path_with_jvp_and_grad_scores_agree() -> None:
         for method in ("jvp", "grad")
     }
     scale = float(scores["grad"].abs().max())
-    torch.testing.assert_close(scores["jvp"], scores["grad"], rtol=1e-8, atol=1e-10 * scale)
+    torch.testing.assert_close(scores["jvp"], scores["grad"], rtol=1e-6, atol=1e-8 * scale)
 
 
 def test_bert_last_layer_runs_at_the_first_token_only() -> None:

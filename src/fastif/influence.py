@@ -17,7 +17,7 @@ per example (:mod:`fastif.frozen`) and every gradient, HVP and score runs on the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -212,13 +212,18 @@ class Influence:
 
     def _solve(self, data: Dataset, group: bool) -> SolveResult:
         gradients = self._grads(data, group)
-        _check_finite(gradients, "test-loss gradient")
+        _check_finite(gradients, "test-loss gradient", lambda rows: self._locate(data, rows, group))
         if self._runner is not None:
             result = self._runner.solve(self.solver.config, gradients)
         else:
             result = self.fit().solver.solve(gradients)
         _check_finite(result.x, "s_test")
         return result
+
+    def _locate(self, data: Dataset, rows: list[int], group: bool) -> str:
+        """Where NaN/Inf first appears for test ``rows`` (all of a group): a module's output, the loss or backward."""
+        indices = list(range(len(data))) if group else rows
+        return self.work_adapter.locate_nonfinite(self.flat, data.batch(indices))
 
     @contextlib.contextmanager
     def parallel(self, config: RunnerConfig) -> Iterator[Influence]:
@@ -419,14 +424,13 @@ def top_k_from_scores(scores: Tensor, k: int, train_indices: Sequence[int] | Non
     return TopK(helpful, helpful_scores, harmful, harmful_scores)
 
 
-def _check_finite(values: Tensor, what: str) -> None:
-    """Refuse NaN/Inf in gradients or solver output, naming the rows, instead of returning meaningless scores."""
+def _check_finite(values: Tensor, what: str, locate: Callable[[list[int]], str] | None = None) -> None:
+    """Refuse NaN/Inf in gradients or solver output, naming the rows (and, where ``locate`` can tell, the module
+    where NaN first appears), instead of returning meaningless scores."""
     bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
     if bad:
-        raise DataError(
-            f"non-finite {what} for test row(s) {bad[:10]}: the loss or its gradient is NaN/Inf there; check those "
-            "inputs and labels, or the model's numerical stability (e.g. log of zero)"
-        )
+        where = locate(bad[:10]) if locate is not None else "check the model's numerical stability"
+        raise DataError(f"non-finite {what} for test row(s) {bad[:10]}: the loss or its gradient is NaN/Inf; {where}")
 
 
 def _check_count(k: Any, name: str) -> None:
