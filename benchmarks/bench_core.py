@@ -22,9 +22,10 @@ import torch
 
 from fastif import AdapterConfig, HFClassifierAdapter, ScoreConfig
 from fastif.data import iter_batches
+from fastif.data.text import TextPairData
 from fastif.files import atomic_write_json
 from fastif.hvp import Hessian
-from fastif.nli import TextPairData, load_embedded, load_minilm_classifier, load_minilm_tokenizer
+from fastif.recipes.nli import load_embedded, load_minilm_classifier, load_minilm_tokenizer
 from fastif.scores import score_matrix
 
 TOP_TWO_LAYERS = ("bert.encoder.layer.4", "bert.encoder.layer.5", "bert.pooler", "classifier")

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from .adapters import ModelAdapter
 from .data import Batch, Dataset, batch_len, iter_batches, map_tensors
+from .model.adapter import ModelAdapter
 
 
 def _single_example_loss(adapter: ModelAdapter):

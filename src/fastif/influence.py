@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
+from .model.adapter import ModelAdapter
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver
 
