@@ -23,8 +23,9 @@ import torch
 from fastif import AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
 from fastif.app_utils import machine_info
 from fastif.data import iter_batches, length_order
+from fastif.data.text import TextPairData
 from fastif.files import atomic_write_json
-from fastif.nli import TextPairData, load_embedded, load_minilm_classifier, load_minilm_tokenizer
+from fastif.recipes.nli import load_embedded, load_minilm_classifier, load_minilm_tokenizer
 
 TOP_TWO_LAYERS = ("bert.encoder.layer.4", "bert.encoder.layer.5", "bert.pooler", "classifier")
 

@@ -39,10 +39,11 @@ import torch
 from fastif import AdapterConfig, HFClassifierAdapter, LiSSAConfig, ScoreConfig
 from fastif.candidates import CandidateConfig, CandidateIndex
 from fastif.data import iter_batches
+from fastif.data.text import TextPairData
 from fastif.files import atomic_write_json
 from fastif.grads import dataset_grads
 from fastif.hvp import Hessian
-from fastif.nli import TextPairData, load_embedded, load_minilm_classifier, load_minilm_tokenizer
+from fastif.recipes.nli import load_embedded, load_minilm_classifier, load_minilm_tokenizer
 from fastif.runner import Problem, Runner, RunnerConfig
 from fastif.solvers import IdentityConfig, LiSSA
 from fastif.store import Store, fingerprint_parameters

@@ -14,7 +14,7 @@ from torch import nn
 import fastif
 from fastif.cli import run
 from fastif.errors import DataError, ModelError, SolverError
-from fastif.tabular import TabularConfig, run_tabular
+from fastif.recipes.tabular import TabularConfig, run_tabular
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

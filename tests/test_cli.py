@@ -18,8 +18,8 @@ from test_report_run import _pipeline_report
 from fastif.cli import run, run_command, stop_on_sigterm
 from fastif.errors import OutputError
 from fastif.files import check_writable
-from fastif.nli import load_embedded
 from fastif.pipeline import PipelineConfig
+from fastif.recipes.nli import load_embedded
 
 SUBCOMMANDS = ("demo", "train", "index", "influence", "bench", "example")
 
@@ -80,7 +80,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["influence", "--candidates", "0"], "candidates.k must be positive"),
+        (["influence", "--candidates", "0"], "candidates.count must be positive"),
         (["influence", "--depth", "0"], "solver.depth"),
         (["influence", "--device", "gpu7"], "unknown device"),
         (["influence", "--config", "missing.toml"], "cannot read config file"),
@@ -116,9 +116,9 @@ UNWRITABLE = [
     (["influence", "--output", "BLOCKED"], "fastif.pipeline.Pipeline", "--output"),
     (["influence", "--output", "OK", "--index-dir", "BLOCKED"], "fastif.pipeline.Pipeline", "--index-dir"),
     (["index", "--output", "BLOCKED"], "fastif.pipeline.Pipeline", "--output"),
-    (["train", "--output", "BLOCKED"], "fastif.nli_model.train_nli_classifier", "--output"),
+    (["train", "--output", "BLOCKED"], "fastif.recipes.nli.train_nli_classifier", "--output"),
     (["bench", "--output", "BLOCKED"], "fastif.pipeline.bench.run_bench", "--output"),
-    (["example", "--output", "BLOCKED"], "fastif.tabular.run_tabular", "--output"),
+    (["example", "--output", "BLOCKED"], "fastif.recipes.tabular.run_tabular", "--output"),
     (["experiment", "correct", "--quick", "--output", "BLOCKED"], "fastif.experiments.finetune.run_experiment",
      "--output"),
     (["experiment", "augment", "--quick", "--output", "OK", "--cache-dir", "BLOCKED"],
@@ -149,7 +149,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(argv, expensive,
 def test_an_unwritable_model_cache_is_refused_before_training(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("a regular file, not a folder")
     monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "file"))
-    monkeypatch.setattr("fastif.nli_model._train", must_not_run)
+    monkeypatch.setattr("fastif.recipes.nli.model._train", must_not_run)
     assert run(["train", "--no-progress"]) == 2
     error = one_line_error(capsys)
     assert f"cannot create the model cache folder {tmp_path / 'file' / 'models'}" in error
@@ -161,7 +161,7 @@ def test_an_output_folder_under_a_read_only_parent_is_refused(tmp_path, monkeypa
     parent = tmp_path / "read-only"
     parent.mkdir()
     parent.chmod(0o555)
-    monkeypatch.setattr("fastif.tabular.run_tabular", must_not_run)
+    monkeypatch.setattr("fastif.recipes.tabular.run_tabular", must_not_run)
     try:
         assert run(["example", "--output", str(parent / "out")]) == 2
     finally:
@@ -286,5 +286,5 @@ def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
     first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
     assert first.endswith("pip install -e . && fastif demo")
     defaults = PipelineConfig()
-    assert (defaults.candidates.k, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
+    assert (defaults.candidates.count, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
     assert "100 nearest training pairs" in readme and "500 steps each" in readme

@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from fastif.config import config_to_dict, save_config
+from fastif.data.text import TextPairData
 from fastif.errors import ConfigError
 from fastif.experiments import (
     ExperimentConfig,
     SplitConfig,
     TopLayers,
     add_experiment_commands,
-    anli_split,
     default_config,
     encode_hidden,
-    hans_split,
     load_experiment_config,
     quick_config,
 )
@@ -27,8 +26,8 @@ from fastif.experiments.cli import config_from_args
 from fastif.experiments.finetune import anchor_schedule, collate, evaluate, mean_loss, sgd_step
 from fastif.experiments.head import top_layers_adapter
 from fastif.experiments.report import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
-from fastif.nli import load_embedded, load_minilm_tokenizer
-from fastif.nli_data import TextPairData, nli_label_scheme
+from fastif.recipes.nli import load_embedded, load_minilm_tokenizer, nli_label_scheme
+from fastif.recipes.nli.splits import anli_split, hans_split
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +140,7 @@ def test_anchor_schedule_is_seeded_and_shared_across_modes():
 
 
 def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
-    from fastif.nli import predict_logits
+    from fastif.model.predict import predict_logits
 
     model = tiny_nli_model(tokenizer, 2)
     data = pairs(tokenizer, "mnli_train", 12)
@@ -163,7 +162,7 @@ def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
 
 def test_cls_only_top_and_the_disk_cache(tokenizer, tmp_path):
     from fastif.experiments.head import cached_encode, model_fingerprint
-    from fastif.nli import predict_logits
+    from fastif.model.predict import predict_logits
 
     model = tiny_nli_model(tokenizer, 3)
     data = pairs(tokenizer, "mnli_train", 9, num_labels=3)

@@ -12,18 +12,17 @@ import torch
 
 from fastif.config import config_from_dict, config_to_dict
 from fastif.data import Dataset, iter_batches
+from fastif.data.files import read_csv, read_jsonl
+from fastif.data.text import TextPairData
 from fastif.errors import ConfigError, DataError, StoreError
-from fastif.nli import (
+from fastif.model.hf import freeze_lower_layers, is_l2_parameter, l2_penalty, load_classifier
+from fastif.model.predict import model_inputs, predict_logits
+from fastif.recipes.nli import (
     NLI2_LABELS,
     NLI3_LABELS,
     NLITrainConfig,
     TextDataConfig,
-    TextPairData,
-    freeze_lower_layers,
-    is_l2_parameter,
-    l2_penalty,
     length_bucketed_batches,
-    load_classifier,
     load_embedded,
     load_minilm_classifier,
     load_minilm_tokenizer,
@@ -31,11 +30,7 @@ from fastif.nli import (
     load_text_pair_data,
     load_trained,
     minilm_path,
-    model_inputs,
     nli_label_scheme,
-    predict_logits,
-    read_csv,
-    read_jsonl,
     recipe_fingerprint,
     train_nli_classifier,
 )
@@ -81,7 +76,7 @@ def test_jsonl_with_custom_columns(tmp_path, gz):
     assert [r.id for r in records] == ["a", "b", "c"]
     assert [r.label for r in records] == [0, 2, 1]
     assert [r.label_name for r in records] == ["entailment", "contradiction", "neutral"]
-    assert records[1].premise == "A dog runs." and records[1].hypothesis == "A cat sleeps."
+    assert records[1].text == "A dog runs." and records[1].text_pair == "A cat sleeps."
     assert records[0].extra == {"genre": "fiction"}
 
 
@@ -96,7 +91,7 @@ def test_csv_with_custom_columns_and_single_text(tmp_path):
         path=str(path), premise_column="text", hypothesis_column=None, label_column="y", label_names=("neg", "pos")
     )
     records = load_text_data(config)
-    assert [(r.id, r.premise, r.hypothesis, r.label) for r in records] == [
+    assert [(r.id, r.text, r.text_pair, r.label) for r in records] == [
         ("0", "good, really", None, 1),
         ("1", "bad", None, 0),
     ]
@@ -106,7 +101,7 @@ def test_tsv(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("premise\thypothesis\tlabel\nA, b\tC\tneutral\n", encoding="utf-8")
     (record,) = load_text_data(TextDataConfig(path=str(path)))
-    assert (record.premise, record.hypothesis, record.label) == ("A, b", "C", 1)
+    assert (record.text, record.text_pair, record.label) == ("A, b", "C", 1)
     path.write_text("premise\thypothesis\tlabel\nA\tB\tneutral\nA\tB\tC\tneutral\n", encoding="utf-8")
     with pytest.raises(DataError, match="line 3: more fields than the header"):
         load_text_data(TextDataConfig(path=str(path)))
@@ -214,7 +209,7 @@ def test_dynamic_padding(tokenizer):
         assert batch["labels"].tolist() == [records[i].label for i in indices]
     first = data.batch([0])["input_ids"][0].tolist()
     assert first[0] == tokenizer.cls_token_id and first.count(tokenizer.sep_token_id) == 2
-    assert data.texts(0) == f"{records[0].premise} ||| {records[0].hypothesis}"
+    assert data.texts(0) == f"{records[0].text} ||| {records[0].text_pair}"
     sub = data.subset([5, 2])
     assert sub.records == [records[5], records[2]] and sub.lengths == [data.lengths[5], data.lengths[2]]
     assert torch.equal(sub.batch([0, 1])["input_ids"], data.batch([5, 2])["input_ids"])

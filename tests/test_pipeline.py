@@ -12,7 +12,6 @@ import torch
 from conftest import tiny_bert
 
 from fastif.errors import ConfigError, DataError, SolverError, StoreError
-from fastif.nli import NLI3_LABELS, load_embedded, load_minilm_tokenizer
 from fastif.pipeline import (
     ParameterConfig,
     Pipeline,
@@ -22,11 +21,12 @@ from fastif.pipeline import (
     selected_parameters,
     with_overrides,
 )
+from fastif.recipes.nli import NLI3_LABELS, load_embedded, load_minilm_tokenizer
 
 
 def write_jsonl(path: Path, records) -> Path:
     """Records as JSONL rows with premise/hypothesis/label/id columns."""
-    rows = [{"id": r.id, "premise": r.premise, "hypothesis": r.hypothesis, "label": r.label_name} for r in records]
+    rows = [{"id": r.id, "premise": r.text, "hypothesis": r.text_pair, "label": r.label_name} for r in records]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
@@ -71,7 +71,7 @@ def tiny_config(tiny, folder: Path, **overrides) -> PipelineConfig:
         "data.train": str(tiny["train"]),
         "data.test": str(tiny["test"]),
         "data.max_length": 48,
-        "candidates.k": 10,
+        "candidates.count": 10,
         "candidates.batch_size": 16,
         "scoring.top_k": 3,
         "scoring.correct": 1,
@@ -149,7 +149,7 @@ def test_group_query_uses_the_mean_feature_and_one_s_test(tiny, tmp_path):
 
 
 def test_text_query_without_label_is_explained_against_the_prediction(tiny, tmp_path):
-    settings = {"scoring.premise": "A man is playing a guitar.", "scoring.hypothesis": "Someone plays music."}
+    settings = {"scoring.text": "A man is playing a guitar.", "scoring.text_pair": "Someone plays music."}
     report = Pipeline(tiny_config(tiny, tmp_path, **settings)).explain()
     test = report["explained"][0]["test"]
     assert test["label"] == test["predicted"] and test["correct"] and test["source"].startswith("text")
@@ -158,7 +158,7 @@ def test_text_query_without_label_is_explained_against_the_prediction(tiny, tmp_
 
 
 def test_scoring_every_training_point_without_candidates(tiny, tmp_path):
-    config = tiny_config(tiny, tmp_path, **{"candidates.k": None, "scoring.test_indices": [0]})
+    config = tiny_config(tiny, tmp_path, **{"candidates.count": None, "scoring.test_indices": [0]})
     report = Pipeline(config).explain()
     assert report["explained"][0]["candidates"] == 40 and report["index"] == {}
 
@@ -193,11 +193,11 @@ def test_default_parameters_are_the_top_layers_pooler_and_classifier():
 
 def test_config_files_toml_and_yaml(tmp_path):
     toml = tmp_path / "fastif.toml"
-    toml.write_text('seed = 3\n[solver]\ndepth = 50\n[candidates]\nk = 30\n[candidates.faiss]\nindex = "hnsw"\n')
+    toml.write_text('seed = 3\n[solver]\ndepth = 50\n[candidates]\ncount = 30\n[candidates.faiss]\nindex = "hnsw"\n')
     yaml = tmp_path / "fastif.yaml"
     yaml.write_text("data:\n  train: my.jsonl\n  label_names: [pos, neg]\nmodel:\n  recipe:\n    num_labels: 2\n")
     from_toml, from_yaml = load_pipeline_config(toml), load_pipeline_config(yaml)
-    assert (from_toml.seed, from_toml.solver.depth, from_toml.candidates.k) == (3, 50, 30)
+    assert (from_toml.seed, from_toml.solver.depth, from_toml.candidates.count) == (3, 50, 30)
     assert from_toml.candidates.faiss.index == "hnsw" and from_toml.solver.damping == PipelineConfig().solver.damping
     assert from_yaml.data.train == "my.jsonl" and from_yaml.data.label_names == ("pos", "neg")
     assert from_yaml.model.recipe.num_labels == 2
@@ -238,6 +238,8 @@ def test_another_feature_layer_and_a_diverging_lissa(tiny, tmp_path):
     assert not torch.equal(pipeline.features(pipeline.train), default.features(default.train))
     with pytest.raises(StoreError, match="different config"):
         Pipeline(tiny_config(tiny, tmp_path)).index  # noqa: B018
-    diverging = tiny_config(tiny, tmp_path, **{"solver.scale": 1e-4, "scoring.test_indices": [0], "candidates.k": None})
+    diverging = tiny_config(
+        tiny, tmp_path, **{"solver.scale": 1e-4, "scoring.test_indices": [0], "candidates.count": None}
+    )
     with pytest.raises(SolverError, match=r"LiSSA diverged.*Increase scale"):
         Pipeline(diverging).explain()

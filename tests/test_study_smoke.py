@@ -28,7 +28,7 @@ def setup():
     """The study set-up around a 2-layer, 16-wide random BERT: 48 training pairs, 40 test pairs."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fastif.nli import load_minilm_tokenizer
+    from fastif.recipes.nli import load_minilm_tokenizer
 
     tokenizer = load_minilm_tokenizer()
     torch.manual_seed(0)

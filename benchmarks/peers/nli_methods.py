@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from fastif import CG, Influence, LiSSA, ScoreConfig, TorchAdapter
-from fastif.adapters import additive_attention_mask
 from fastif.experiments.head import HiddenStateData, TopLayers, encode_hidden, top_layers_adapter
-from fastif.nli import model_inputs
+from fastif.model.adapter import additive_attention_mask
+from fastif.model.predict import model_inputs
 from fastif.scores import score_matrix
 
 from .nli_setup import TRACKED_MODULES, Examples, LogitsModel, NLIProblem, fresh_model, pad_collate, tuple_loader

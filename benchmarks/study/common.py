@@ -196,7 +196,8 @@ def load_setup(
     """The study set-up on the first ``n_train`` pairs of the embedded MNLI train split (the model's own training
     data) and the first ``n_test`` pairs of the MNLI test split (the pool test points are drawn from). Without
     ``model`` the embedded NLI model is trained, or loaded from its cache."""
-    from fastif.nli import NLITrainConfig, TextPairData, load_embedded, train_nli_classifier
+    from fastif.data.text import TextPairData
+    from fastif.recipes.nli import NLITrainConfig, load_embedded, train_nli_classifier
 
     info: dict[str, Any] = {}
     if model is None:

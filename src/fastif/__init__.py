@@ -1,10 +1,10 @@
 """fastif: fast influence functions. ``score = ∇L(test)ᵀ (H + damping·I)⁻¹ ∇L(train)``; positive = helpful."""
 
-from .adapters import AdapterConfig, HFClassifierAdapter, ModelAdapter, ParameterSelection, TorchAdapter
 from .data import Dataset, TensorData
 from .errors import FastIFError
 from .hvp import Hessian
 from .influence import Influence, TopK
+from .model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapter, ParameterSelection, TorchAdapter
 from .scores import ScoreConfig
 from .solvers import (
     CG,

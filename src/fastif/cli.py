@@ -114,10 +114,10 @@ DATA = (
             "hf:NAME[:CONFIG][@SPLIT]",
         ),
         _Option(("--test",), "data.test", "test set, as --train (default mnli_test)"),
-        _Option(("--premise-column",), "data.premise_column", "column of the (first) text"),
+        _Option(("--text-column", "--premise-column"), "data.text_column", "column of the (first) text"),
         _Option(
-            ("--hypothesis-column",),
-            "data.hypothesis_column",
+            ("--text-pair-column", "--hypothesis-column"),
+            "data.text_pair_column",
             "column of the second text ('none': single text)",
             _optional_text,
         ),
@@ -167,7 +167,11 @@ INDEX = (
 )
 CANDIDATES = (
     "candidates",
-    (_Option(("--candidates",), "candidates.k", "score only the K nearest training points, or 'all'", _count_or_all),),
+    (
+        _Option(
+            ("--candidates",), "candidates.count", "score only the K nearest training points, or 'all'", _count_or_all
+        ),
+    ),
 )
 SOLVER = (
     "s_test solver",
@@ -175,7 +179,9 @@ SOLVER = (
         _Option(
             ("--solver",), "solver.method", "inverse-HVP solver", str, ("lissa", "cg", "arnoldi", "exact", "identity")
         ),
-        _Option(("--damping",), "solver.damping", "damping added to the Hessian (absolute)", float),
+        _Option(
+            ("--damping",), "solver.damping", "damping added to the Hessian (absolute; default: the recipe's)", float
+        ),
         _Option(("--depth",), "solver.depth", "LiSSA steps per chain", int),
         _Option(("--repeats",), "solver.repeats", "LiSSA chains averaged (default: one per worker)", int),
         _Option(("--lissa-batch",), "solver.batch_size", "LiSSA minibatch size (FastIF's fast s_test: 1)", int),
@@ -187,8 +193,8 @@ SCORING = (
     "what to explain",
     (
         _Option(("-k", "--top-k"), "scoring.top_k", "helpful and harmful training points shown per test point", int),
-        _Option(("--premise",), "scoring.premise", "explain this text (with --hypothesis, optional --label)"),
-        _Option(("--hypothesis",), "scoring.hypothesis", "second text of the pair given with --premise"),
+        _Option(("--text", "--premise"), "scoring.text", "explain this text (with --text-pair, optional --label)"),
+        _Option(("--text-pair", "--hypothesis"), "scoring.text_pair", "second text of the pair given with --text"),
         _Option(("--label",), "scoring.label", "gold label of the text (default: the model's prediction)"),
         _Option(
             ("--test-indices",), "scoring.test_indices", "explain these rows of the test set, e.g. 3,17", _int_list
@@ -270,7 +276,7 @@ def _pipeline_config(args: argparse.Namespace, defaults: dict[str, Any] | None =
 def _example(args: argparse.Namespace) -> int:
     from .config import save_config
     from .files import atomic_write_json
-    from .tabular import TabularConfig, format_tabular, run_tabular
+    from .recipes.tabular import TabularConfig, format_tabular, run_tabular
 
     config = TabularConfig(dataset=args.dataset, solver=args.solver, k=args.k, seed=args.seed)
     if args.output is not None:
@@ -333,12 +339,12 @@ def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, i
 
     start = time.perf_counter()
     config = _pipeline_config(args, defaults)
-    _check_outputs(config, index=config.candidates.k is not None)
+    _check_outputs(config, index=config.candidates.count is not None)
     if intro:
         print(intro)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
-    if config.candidates.k is not None:
+    if config.candidates.count is not None:
         pipeline.index  # noqa: B018 - build or load it now, to report it before the slow part
         print(_describe_index(pipeline.index_info, pipeline.timings["index"]), flush=True)
     report = pipeline.explain()
@@ -401,7 +407,7 @@ def _copy_model(source: Path, target: Path) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .nli_model import train_nli_classifier
+    from .recipes.nli import train_nli_classifier
 
     config = _pipeline_config(args)
     if args.output is not None:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapters import ModelAdapter
 from .data import Batch, Dataset, index_chunks, length_order
 from .errors import DataError, ModelError
+from .model.adapter import ModelAdapter
 from .store import Store
 
 FrozenMode = Literal["auto", "on", "off"]

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
 from .candidates import CandidateConfig, CandidateIndex
 from .config import config_to_dict
 from .data import Dataset, TensorData, iter_batches, length_order
 from .errors import ConfigError, DataError, StoreError
+from .model.adapter import ModelAdapter
 from .projection import ProjectionConfig, Projector
 from .store import MANIFEST_FILE, Store, fingerprint_parameters, fingerprint_tensors
 

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from .adapters import ModelAdapter
 from .data import Batch, Dataset, batch_len, iter_batches, map_tensors
 from .errors import DataError
+from .model.adapter import ModelAdapter
 
 TRANSFORM_ERRORS = (RuntimeError, DataError)  # what a transform's failure surfaces as (DataError wraps model errors)
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from .adapters import ModelAdapter
 from .data import Batch, Dataset, index_chunks
 from .errors import DataError
+from .model.adapter import ModelAdapter
 
 HVPMethod = Literal["fwd-rev", "double-backward"]
 

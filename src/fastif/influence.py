@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
@@ -35,6 +34,7 @@ from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, ca
 from .gradient_store import GradientStore, GradientStoreConfig, build_store
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
+from .model.adapter import ModelAdapter
 from .recall import RecallEstimate, estimate_recall
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .adapters import ModelAdapter
 from .data import Batch, batch_len, map_tensors
 from .errors import ConfigError, DataError
+from .model.adapter import ModelAdapter
 
 Kind = Literal["gaussian", "rademacher", "identity"]
 

@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
 from .data import Dataset, iter_batches, length_order
 from .errors import ConfigError, DataError
 from .grads import directional_derivatives, per_example_grads
+from .model.adapter import ModelAdapter
 
 ScoreMethod = Literal["auto", "grad", "jvp"]
 

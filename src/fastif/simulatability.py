@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .adapters import AdapterConfig, HFClassifierAdapter, ParameterSelection
 from .app_utils import (
     Relabelled,
     Subset,
@@ -46,6 +45,7 @@ from .errors import ConfigError, DataError
 from .files import atomic_write_json, check_writable
 from .grads import dataset_grads
 from .influence import Influence, TopK
+from .model.adapter import AdapterConfig, HFClassifierAdapter, ParameterSelection
 from .scores import ScoreConfig
 from .solvers import Identity, LiSSA, LiSSAConfig, Solver
 
@@ -565,7 +565,8 @@ def _finite(value: Any) -> Any:
 
 def run_nli_simulatability(config: SimulatabilityConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The experiment on the cached 3-class MiniLM MNLI model, its MNLI train split and the MNLI test split."""
-    from .nli import NLITrainConfig, TextPairData, load_embedded, nli_label_scheme, train_nli_classifier
+    from .data.text import TextPairData
+    from .recipes.nli import NLITrainConfig, load_embedded, nli_label_scheme, train_nli_classifier
 
     log = log or (lambda _message: None)
     start = time.perf_counter()

@@ -26,9 +26,6 @@ _EXPORTS = {
     "markdown_table": "report",
     "summarise": "report",
     "write_results": "report",
-    "TaskSplit": "splits",
-    "anli_split": "splits",
-    "hans_split": "splits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,19 +26,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from ..adapters import TorchAdapter
 from ..candidates import CandidateConfig, CandidateIndex, compute_features
 from ..config import config_to_dict
+from ..data.text import TextPairData, TextRecord
 from ..errors import DataError, SolverError
 from ..hvp import Hessian
 from ..influence import Influence, top_k_from_scores
-from ..nli_data import NLIRecord, TextPairData, nli_label_scheme
-from ..nli_model import NLITrainConfig, train_nli_classifier
+from ..model.adapter import TorchAdapter
+from ..recipes.nli.data import nli_label_scheme
+from ..recipes.nli.model import NLITrainConfig, train_nli_classifier
+from ..recipes.nli.splits import TaskSplit, embedded_records, hans_pool, task_split
 from ..scores import ScoreConfig, score_matrix
 from ..solvers import LiSSA, LiSSAConfig
 from .config import ExperimentConfig
 from .head import HiddenStateData, TopLayers, cached_encode, model_fingerprint, top_layers_adapter
-from .splits import TaskSplit, embedded_records, hans_pool, task_split
 
 ModelFactory = Callable[[int], tuple[nn.Module, Any, dict[str, Any]]]
 """``factory(num_labels) -> (model, tokenizer, info)``: the classifier to correct, its tokenizer, and metadata."""
@@ -63,9 +64,9 @@ class Setup:
     original: Tensor
     hessian_data: HiddenStateData
     pool: HiddenStateData
-    pool_records: list[NLIRecord]
+    pool_records: list[TextRecord]
     anchors: dict[str, HiddenStateData]
-    anchor_records: dict[str, list[NLIRecord]]
+    anchor_records: dict[str, list[TextRecord]]
     anchor_features: dict[str, Tensor]
     test: dict[str, list[tuple[tuple[Tensor, Tensor], Tensor]]]
     index: CandidateIndex
@@ -76,7 +77,7 @@ class Setup:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _pool_records(config: ExperimentConfig, split: TaskSplit) -> list[NLIRecord]:
+def _pool_records(config: ExperimentConfig, split: TaskSplit) -> list[TextRecord]:
     """The candidate pool: MNLI train (correct), HANS train (augment, HANS) or the ANLI pool part (augment, ANLI)."""
     if config.experiment == "correct":
         records = list(embedded_records("mnli_train", config.num_labels))
@@ -91,7 +92,7 @@ def _encoder(model: nn.Module, tokenizer: Any, config: ExperimentConfig, top: To
     names, _ = nli_label_scheme(config.num_labels)
     key = model_fingerprint(model) if cache_dir is not None else ""
 
-    def encode(records: Sequence[NLIRecord]) -> HiddenStateData:
+    def encode(records: Sequence[TextRecord]) -> HiddenStateData:
         data = TextPairData(list(records), tokenizer, config.max_length, names)
         return cached_encode(model, data, top.first, top.cls_only, cache_dir, key)
 

@@ -22,12 +22,14 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..adapters import AdapterConfig, TorchAdapter, additive_attention_mask
 from ..data import Batch
+from ..data.text import TextPairData, records_fingerprint
 from ..errors import DataError, ModelError
 from ..files import atomic_write
-from ..nli_data import TextPairData, records_fingerprint
-from ..nli_model import default_cache_dir, encoder_layers, model_inputs
+from ..model.adapter import AdapterConfig, TorchAdapter, additive_attention_mask
+from ..model.hf import encoder_layers
+from ..model.predict import model_inputs
+from ..recipes.nli.model import default_cache_dir
 
 
 class TopLayers(nn.Module):

@@ -1,14 +1,15 @@
-"""FastIF end to end on a text classifier: typed stage configs, the :class:`Pipeline`, and its outputs.
+"""FastIF end to end on a text classifier of any recipe: typed stage configs, the recipe protocol, the
+:class:`Pipeline`, and its outputs.
 
->>> config = load_pipeline_config("fastif.toml")        # or PipelineConfig() for the embedded NLI demo
+>>> config = load_pipeline_config("fastif.toml")        # or PipelineConfig() for the embedded NLI recipe's demo
 >>> report, files = run_pipeline(config)                # influence.json, influence.csv, pipeline_config.json
 """
 
 from __future__ import annotations
 
 from .config import (
+    CandidatesConfig,
     DataConfig,
-    KNNConfig,
     ModelConfig,
     OutputConfig,
     ParameterConfig,
@@ -19,27 +20,31 @@ from .config import (
     load_pipeline_config,
     with_overrides,
 )
-from .core import Pipeline, run_pipeline, solver_config
-from .inputs import LoadedModel, load_model, selected_parameters
+from .core import Pipeline, build_adapter, resolve_device, run_pipeline, selected_parameters, solver_config
 from .output import format_report, format_timings, print_report, write_results
+from .recipe import RECIPE_GROUP, LoadedModel, Recipe, find_recipe
 
 __all__ = [
+    "RECIPE_GROUP",
+    "CandidatesConfig",
     "DataConfig",
-    "KNNConfig",
     "LoadedModel",
     "ModelConfig",
     "OutputConfig",
     "ParameterConfig",
     "Pipeline",
     "PipelineConfig",
+    "Recipe",
     "ScoringConfig",
     "SolverStageConfig",
+    "build_adapter",
     "config_from_mapping",
+    "find_recipe",
     "format_report",
     "format_timings",
-    "load_model",
     "load_pipeline_config",
     "print_report",
+    "resolve_device",
     "run_pipeline",
     "selected_parameters",
     "solver_config",

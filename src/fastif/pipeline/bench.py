@@ -1,7 +1,7 @@
 """``fastif bench``: quick timings of the pipeline's main stages on the bundled MiniLM.
 
-The classifier head is freshly initialised (timings do not depend on the weights), so the bench never trains;
-the lower layers are frozen as the embedded recipe freezes them, and the parameter selection, candidates and
+The recipe's model gets a freshly initialised head (timings do not depend on the weights), so the bench never
+trains; the lower layers are frozen as the recipe freezes them, and the parameter selection, candidates and
 solver settings are the pipeline config's.
 """
 
@@ -17,13 +17,10 @@ import torch
 from ..candidates import CandidateIndex
 from ..grads import dataset_grads
 from ..hvp import Hessian
-from ..nli_data import TextPairData, load_embedded, nli_label_scheme
-from ..nli_model import freeze_lower_layers, load_minilm_classifier, load_minilm_tokenizer
 from ..scores import ScoreConfig, score_matrix
 from ..solvers import LiSSA
 from .config import PipelineConfig, with_overrides
-from .core import Pipeline, solver_config
-from .inputs import LoadedModel, build_adapter
+from .core import Pipeline, build_adapter, solver_config
 
 T = TypeVar("T")
 QUERIES = 4
@@ -38,26 +35,18 @@ def _timed(stages: list[dict[str, Any]], name: str, items: int, fn: Callable[[],
     return result
 
 
-def _load(config: PipelineConfig) -> LoadedModel:
-    """MiniLM with a fresh head and the recipe's frozen layers, on the configured device."""
-    recipe = config.model.recipe
-    names = nli_label_scheme(recipe.num_labels)[0]
-    model = load_minilm_classifier(recipe.num_labels, seed=config.seed)
-    freeze_lower_layers(model, recipe.frozen_layers, recipe.freeze_embeddings)
-    info = {"source": "minilm with an untrained head (bench)"}
-    return LoadedModel(model.to(config.device), load_minilm_tokenizer(), names, recipe, info)
-
-
 def run_bench(config: PipelineConfig, examples: int = 256, steps: int = 20) -> dict[str, Any]:
     """Time loading, tokenising, features, index, kNN, test gradients, LiSSA scale and steps, and scoring."""
     config = with_overrides(config, {"output.progress": False})
     stages: list[dict[str, Any]] = []
     pipeline = Pipeline(config)
-    loaded = _timed(stages, "load model + tokenizer", 1, lambda: _load(config))
-    records = load_embedded("mnli_train", config.model.recipe.num_labels)[:examples]
-    train = _timed(
-        stages, "tokenise", len(records), lambda: TextPairData(records, loaded.tokenizer, 128, loaded.label_names)
+    config = pipeline.config
+    recipe, device = pipeline.recipe, pipeline.device
+    loaded = _timed(
+        stages, "load model + tokenizer", 1, lambda: recipe.untrained_model(config.model, config.seed, device)
     )
+    data = with_overrides(config, {"data.train_size": examples, "data.max_length": 128}).data
+    train = _timed(stages, "tokenise", examples, lambda: recipe.load_data("train", loaded, data))
     pipeline.loaded, pipeline.train = loaded, train
     adapter = pipeline.adapter = build_adapter(loaded, config.parameters, config.candidates.feature_module)
     flat = adapter.flat_params()
@@ -66,7 +55,7 @@ def run_bench(config: PipelineConfig, examples: int = 256, steps: int = 20) -> d
         stages, "FAISS index build", len(train), lambda: CandidateIndex.build(features, config.candidates.faiss)
     )
     queries = train.subset(range(min(QUERIES, len(train))))
-    k = min(config.candidates.k or len(train), len(train))
+    k = min(config.candidates.count or len(train), len(train))
     neighbours = _timed(
         stages, f"kNN search (k={k})", len(queries), lambda: index.search(features[: len(queries)], k)[1]
     )

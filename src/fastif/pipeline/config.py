@@ -17,8 +17,9 @@ from typing import Any, Literal
 from ..candidates import CandidateConfig
 from ..config import config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..nli_model import NLITrainConfig
+from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
+from .recipe import find_recipe
 
 SolverMethod = Literal["lissa", "cg", "arnoldi", "exact", "identity"]
 EMBEDDED_MODEL = "embedded"
@@ -26,27 +27,38 @@ EMBEDDED_MODEL = "embedded"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which classifier to explain: ``"embedded"`` (the MiniLM NLI recipe, trained once and cached), a folder
-    written by ``fastif train``, any local HF sequence-classification checkpoint, or a hub name (online)."""
+    """Which recipe and classifier to explain.
 
+    ``recipe_name`` names a recipe of the ``fastif.recipes`` entry points (or ``module:attribute``); ``model`` is
+    ``"embedded"`` (the recipe's own model, trained once and cached), a folder written by ``fastif train``, any
+    local HF sequence-classification checkpoint, or a hub name (online). ``recipe`` holds the recipe's training
+    options (a table in config files), typed by the recipe.
+    """
+
+    recipe_name: str = "nli"
     model: str = EMBEDDED_MODEL
-    recipe: NLITrainConfig = field(default_factory=NLITrainConfig)
+    recipe: Any = None
+
+    def __post_init__(self) -> None:
+        """Type the recipe's options (defaults when unset) with the recipe's own config class."""
+        object.__setattr__(self, "recipe", find_recipe(self.recipe_name).options(self.recipe))
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the training and test examples come from and how their columns map to (premise, hypothesis, label).
+    """Where the training and test examples come from and how their columns map to (text, text pair, label).
 
-    ``train`` / ``test`` are a bundled set (``mnli_train``, ``mnli_test``, ``hans_eval``, ...), a JSONL/CSV/TSV
-    file, or ``hf:NAME[:CONFIG][@SPLIT]`` (Hugging Face ``datasets``, online). ``label_names=()`` takes the
-    model's ``id2label``. With the embedded model the bundled training split is cut to the recipe's
-    ``train_size`` (the points the model was trained on); ``train_size`` cuts any training set further.
+    ``train`` / ``test`` are a set the recipe bundles (the NLI recipe's ``mnli_train``, ``mnli_test``,
+    ``hans_eval``, ...), a JSONL/CSV/TSV file, or ``hf:NAME[:CONFIG][@SPLIT]`` (Hugging Face ``datasets``,
+    online). ``text_pair_column=None`` makes single-text examples. ``label_names=()`` takes the model's
+    ``id2label``. A recipe may cut its own training split to the points its model was trained on;
+    ``train_size`` cuts any training set further.
     """
 
     train: str = "mnli_train"
     test: str = "mnli_test"
-    premise_column: str = "premise"
-    hypothesis_column: str | None = "hypothesis"
+    text_column: str = "premise"
+    text_pair_column: str | None = "hypothesis"
     label_column: str = "label"
     id_column: str | None = "id"
     label_names: tuple[str, ...] = ()
@@ -75,7 +87,7 @@ class ParameterConfig:
     exclude: tuple[str, ...] = ()
     top_layers: int = 0
     l2: float | None = None
-    l2_exclude: tuple[str, ...] = ("*bias", "*LayerNorm*")
+    l2_exclude: tuple[str, ...] = L2_EXCLUDE
 
     def __post_init__(self) -> None:
         """Refuse a negative layer count or L2 term."""
@@ -86,8 +98,8 @@ class ParameterConfig:
 
 
 @dataclass(frozen=True)
-class KNNConfig:
-    """FastIF's candidate stage: score only the ``k`` training points nearest in feature space (``None`` = all).
+class CandidatesConfig:
+    """FastIF's candidate stage: score only the ``count`` training points nearest in feature space (``None`` = all).
 
     Features are the input of ``feature_module`` at the [CLS] position; the default, ``"classifier"``, is the
     pooled [CLS] vector that feeds a BERT classifier. Another module (e.g. ``"bert.encoder.layer.3"``) takes
@@ -95,15 +107,17 @@ class KNNConfig:
     the index type and its parameters.
     """
 
-    k: int | None = 100
+    count: int | None = 100
     feature_module: str = "classifier"
     batch_size: int = 64
     faiss: CandidateConfig = field(default_factory=CandidateConfig)
 
     def __post_init__(self) -> None:
-        """Refuse a non-positive k or batch size."""
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"candidates.k must be positive (or unset to score every training point), got {self.k}")
+        """Refuse a non-positive count or batch size."""
+        if self.count is not None and self.count < 1:
+            raise ConfigError(
+                f"candidates.count must be positive (or unset to score every training point), got {self.count}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"candidates.batch_size must be positive, got {self.batch_size}")
 
@@ -117,13 +131,12 @@ class SolverStageConfig:
     ``power_iterations``) so the recursion contracts. ``tail_average=0.5`` averages each chain's iterates over its
     last half (FastIF took the last iterate, 0): at B = 1 the iterate keeps fluctuating around the fixed point.
     ``workers`` > 1 runs the chains in parallel processes (``fastif.runner``); ``None`` = one per usable CPU core.
-    CG / Arnoldi use full-data HVPs in batches of ``hessian_batch_size``. The default damping 0.3 makes
-    H + damping·I positive definite for the embedded model's pooler + classifier (its Hessian's smallest eigenvalue
-    is about -0.14, docs/study.md); other models may need more.
+    CG / Arnoldi use full-data HVPs in batches of ``hessian_batch_size``. ``damping=None`` takes the recipe's
+    damping (each recipe says why it chose it).
     """
 
     method: SolverMethod = "lissa"
-    damping: float = 0.3
+    damping: float | None = None
     depth: int = 500
     repeats: int | None = None
     batch_size: int = 1
@@ -145,7 +158,7 @@ class SolverStageConfig:
             bad.append("hessian_batch_size")
         if bad:
             raise ConfigError(f"solver.{bad[0]} must be a positive integer, got {getattr(self, bad[0])!r}")
-        if not self.damping >= 0:
+        if self.damping is not None and not self.damping >= 0:
             raise ConfigError(f"solver.damping must be >= 0, got {self.damping}")
 
 
@@ -153,7 +166,7 @@ class SolverStageConfig:
 class ScoringConfig:
     """Which test points are explained and how many training points are shown for each.
 
-    Test points are, in order of precedence: ``premise`` (+ ``hypothesis``, ``label``) given as text, the rows of
+    Test points are, in order of precedence: ``text`` (+ ``text_pair``, ``label``) given as text, the rows of
     the test set at ``test_indices``, or ``correct`` correctly and ``wrong`` wrongly predicted points picked at
     random (``seed``) among the first ``pool`` test points. A text without ``label`` is explained against the
     model's prediction. ``group`` explains the mean loss of all of them, with candidates near their mean feature.
@@ -167,8 +180,8 @@ class ScoringConfig:
     correct: int = 2
     wrong: int = 2
     pool: int = 100
-    premise: str | None = None
-    hypothesis: str | None = None
+    text: str | None = None
+    text_pair: str | None = None
     label: str | None = None
 
     def __post_init__(self) -> None:
@@ -205,7 +218,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parameters: ParameterConfig = field(default_factory=ParameterConfig)
-    candidates: KNNConfig = field(default_factory=KNNConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     solver: SolverStageConfig = field(default_factory=SolverStageConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

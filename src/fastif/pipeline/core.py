@@ -10,6 +10,7 @@ through :mod:`fastif.runner` when there is more than one worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,19 +25,21 @@ from tqdm.auto import tqdm
 
 from ..candidates import CandidateIndex
 from ..config import config_to_dict, save_config
-from ..data import iter_batches, length_order
-from ..errors import DataError, StoreError
+from ..data import Dataset, iter_batches, length_order
+from ..errors import ConfigError, DataError, StoreError
 from ..grads import dataset_grads, mean_loss_grad
 from ..hvp import Hessian
 from ..influence import TopK, top_k_from_scores
-from ..nli_data import NLIRecord, TextPairData
+from ..model.adapter import AdapterConfig, HFClassifierAdapter
+from ..model.hf import top_layer_parameters
+from ..model.predict import dataset_labels
 from ..runner import Problem, Runner, RunnerConfig, usable_cores
 from ..scores import ScoreConfig, score_matrix
 from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, SolveResult, solver_from_config
 from ..store import Store, fingerprint_parameters
-from .config import PipelineConfig, SolverStageConfig
-from .inputs import LoadedModel, build_adapter, load_model, load_records, load_train, resolve_device, text_records
+from .config import ParameterConfig, PipelineConfig, SolverStageConfig
 from .output import write_results
+from .recipe import LoadedModel, Recipe, find_recipe
 
 SEMANTICS = (
     "score = ∇L(test)ᵀ (H + damping·I)⁻¹ ∇L(train) over the selected parameters; positive = helpful: removing "
@@ -44,6 +47,42 @@ SEMANTICS = (
 )
 FEATURES_ENTRY = "train_features"
 FAISS_FOLDER = "faiss"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device called ``name``; ConfigError if it is malformed or absent on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but torch sees no GPU; use --device cpu")
+    return device
+
+
+def selected_parameters(model: torch.nn.Module, config: ParameterConfig) -> tuple[str, ...]:
+    """``config.include``, or the top ``top_layers`` encoder layers plus everything outside embeddings and encoder."""
+    return config.include or top_layer_parameters(model, config.top_layers)
+
+
+def build_adapter(loaded: LoadedModel, config: ParameterConfig, feature_module: str) -> HFClassifierAdapter:
+    """The HF adapter over the selected parameters, with the model's training L2 term unless ``config.l2`` is set."""
+    l2 = config.l2 if config.l2 is not None else (loaded.l2 or 0.0)
+    adapter_config = AdapterConfig(
+        include=selected_parameters(loaded.model, config),
+        exclude=config.exclude,
+        l2=l2,
+        l2_exclude=config.l2_exclude,
+    )
+    return HFClassifierAdapter(loaded.model, adapter_config, feature_module=feature_module)
+
+
+def with_recipe_damping(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with ``solver.damping`` set to the recipe's damping when it is unset."""
+    if config.solver.damping is not None:
+        return config
+    damping = find_recipe(config.model.recipe_name).damping
+    return dataclasses.replace(config, solver=dataclasses.replace(config.solver, damping=damping))
 
 
 def solver_config(config: SolverStageConfig, seed: int, repeats: int) -> Any:
@@ -107,7 +146,8 @@ class Pipeline:
     """Runs the stages of ``config`` on demand, caching each result and recording its wall time in ``timings``."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        self.config = config
+        self.config = with_recipe_damping(config)
+        self.recipe: Recipe = find_recipe(config.model.recipe_name)
         self.device = resolve_device(config.device)
         self.timings: dict[str, float] = {}
         self._nested: list[float] = []
@@ -136,14 +176,14 @@ class Pipeline:
     def loaded(self) -> LoadedModel:
         """The classifier, its tokenizer and label scheme (training the embedded recipe if it is not cached)."""
         with self.stage("model"):
-            return load_model(self.config.model, self.config.data, self.device, self.config.output.progress)
+            return self.recipe.load_model(self.config.model, self.config.data, self.device, self.config.output.progress)
 
     @cached_property
-    def train(self) -> TextPairData:
+    def train(self) -> Any:
         """The tokenised training set."""
         loaded = self.loaded
         with self.stage("data"):
-            return load_train(loaded, self.config.data)
+            return self.recipe.load_data("train", loaded, self.config.data)
 
     @cached_property
     def adapter(self) -> Any:
@@ -156,15 +196,14 @@ class Pipeline:
         return self.adapter.flat_params()
 
     @cached_property
-    def test_set(self) -> TextPairData:
+    def test_set(self) -> Any:
         """The tokenised test set (for indices into it and for picking points to explain)."""
         loaded = self.loaded
         with self.stage("data"):
-            records = load_records(self.config.data.test, "test", loaded, self.config.data)
-            return TextPairData(records, loaded.tokenizer, self.config.data.max_length, loaded.label_names)
+            return self.recipe.load_data("test", loaded, self.config.data)
 
     @torch.no_grad()
-    def predict(self, data: TextPairData) -> Tensor:
+    def predict(self, data: Dataset) -> Tensor:
         """Class probabilities [n, C] of every example (length-sorted batches, so little padding)."""
         params = self.adapter.space.unflatten(self.flat)
         rows: dict[int, Tensor] = {}
@@ -173,7 +212,7 @@ class Pipeline:
             rows.update(zip(chunk, logits.softmax(-1).float().cpu(), strict=True))
         return torch.stack([rows[i] for i in range(len(data))])
 
-    def features(self, data: TextPairData, desc: str | None = None) -> Tensor:
+    def features(self, data: Dataset, desc: str | None = None) -> Tensor:
         """kNN features [n, d] of every example, in length-sorted batches (with a progress bar when ``desc``)."""
         rows: dict[int, Tensor] = {}
         order = length_order(data, range(len(data)))
@@ -237,36 +276,33 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ test points
 
-    def _describe(self, record: NLIRecord, probabilities: Tensor, index: int | None, source: str) -> dict[str, Any]:
-        """A test point as JSON: its text, gold and predicted label, and whether the model got it right."""
+    def _describe(
+        self, data: Dataset, row: int, probabilities: Tensor, index: int | None, source: str
+    ) -> dict[str, Any]:
+        """A test point as JSON: the recipe's display columns, gold and predicted label, and whether it is right."""
         names = self.loaded.label_names
         predicted = int(probabilities.argmax())
         return {
             "source": source,
             "index": index,
-            "id": record.id,
-            "premise": record.premise,
-            "hypothesis": record.hypothesis,
-            "label": record.label_name,
+            **self.recipe.describe(data, row),
             "predicted": names[predicted],
             "probability": float(probabilities[predicted]),
-            "correct": predicted == record.label,
+            "correct": predicted == int(dataset_labels(data)[row]),
         }
 
-    def _text_point(self) -> tuple[TextPairData, list[dict[str, Any]]]:
+    def _text_point(self) -> tuple[Dataset, list[dict[str, Any]]]:
         """The test point given as text; without a label it is explained against the model's prediction."""
-        scoring, loaded = self.config.scoring, self.loaded
+        scoring, loaded, data_config = self.config.scoring, self.loaded, self.config.data
         label = scoring.label
         if label is None:
-            placeholder = text_records(loaded, self.config.data, scoring.premise, scoring.hypothesis, "0")
-            draft = TextPairData(placeholder, loaded.tokenizer, self.config.data.max_length, loaded.label_names)
+            draft = self.recipe.text_example(loaded, data_config, scoring.text, scoring.text_pair, "0")
             label = loaded.label_names[int(self.predict(draft)[0].argmax())]
-        records = text_records(loaded, self.config.data, scoring.premise, scoring.hypothesis, label)
-        data = TextPairData(records, loaded.tokenizer, self.config.data.max_length, loaded.label_names)
+        data = self.recipe.text_example(loaded, data_config, scoring.text, scoring.text_pair, label)
         source = "text" if scoring.label is not None else "text (label = the model's prediction)"
-        return data, [self._describe(records[0], self.predict(data)[0], None, source)]
+        return data, [self._describe(data, 0, self.predict(data)[0], None, source)]
 
-    def _indexed_points(self, indices: Sequence[int], source: str) -> tuple[TextPairData, list[dict[str, Any]]]:
+    def _indexed_points(self, indices: Sequence[int], source: str) -> tuple[Dataset, list[dict[str, Any]]]:
         """Rows ``indices`` of the test set."""
         test = self.test_set
         bad = [i for i in indices if not 0 <= i < len(test)]
@@ -274,10 +310,10 @@ class Pipeline:
             raise DataError(f"test index {bad[0]} is out of range: the test set has {len(test)} examples")
         data = test.subset(list(indices))
         probabilities = self.predict(data)
-        rows = zip(data.records, probabilities, indices, strict=True)
-        return data, [self._describe(record, p, i, source) for record, p, i in rows]
+        rows = enumerate(zip(probabilities, indices, strict=True))
+        return data, [self._describe(data, row, p, i, source) for row, (p, i) in rows]
 
-    def _picked_points(self) -> tuple[TextPairData, list[dict[str, Any]]]:
+    def _picked_points(self) -> tuple[Dataset, list[dict[str, Any]]]:
         """``correct`` correctly and ``wrong`` wrongly predicted points drawn at random from the first ``pool``."""
         scoring, test = self.config.scoring, self.test_set
         pool = test.subset(range(min(scoring.pool, len(test))))
@@ -292,11 +328,11 @@ class Pipeline:
             raise DataError("no test point to explain: the pool holds none of the kinds asked for; raise scoring.pool")
         return self._indexed_points(chosen, "picked")
 
-    def test_points(self) -> tuple[TextPairData, list[dict[str, Any]]]:
+    def test_points(self) -> tuple[Dataset, list[dict[str, Any]]]:
         """The test points to explain (text, indices, or picked correct/wrong predictions) and their descriptions."""
         scoring = self.config.scoring
         with self.stage("test points"):
-            if scoring.premise is not None:
+            if scoring.text is not None:
                 return self._text_point()
             if scoring.test_indices:
                 return self._indexed_points(scoring.test_indices, "index")
@@ -353,14 +389,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ explain
 
-    def _candidates(self, test: TextPairData) -> list[list[int]] | None:
+    def _candidates(self, test: Dataset) -> list[list[int]] | None:
         """Each test point's k nearest training points (one list for a group), or None to score them all."""
-        k, group = self.config.candidates.k, self.config.scoring.group
+        k, group = self.config.candidates.count, self.config.scoring.group
         if k is None:
             return None
         index = self.index
         if k > index.n:
-            raise DataError(f"candidates.k={k} exceeds the {index.n} training points; lower --candidates")
+            raise DataError(f"candidates.count={k} exceeds the {index.n} training points; lower --candidates")
         with self.stage("knn"):
             features = self.features(test)
             if group:
@@ -387,24 +423,14 @@ class Pipeline:
             return results
 
     def _rows(self, indices: Tensor, scores: Tensor) -> list[dict[str, Any]]:
-        """Training points as JSON rows: rank, index, id, text, label and score."""
-        rows = []
-        for rank, (index, score) in enumerate(zip(indices.tolist(), scores.tolist(), strict=True), start=1):
-            record = self.train.records[index]
-            rows.append(
-                {
-                    "rank": rank,
-                    "train_index": index,
-                    "id": record.id,
-                    "premise": record.premise,
-                    "hypothesis": record.hypothesis,
-                    "label": record.label_name,
-                    "score": score,
-                }
-            )
-        return rows
+        """Training points as JSON rows: rank, index, the recipe's display columns, and score."""
+        pairs = zip(indices.tolist(), scores.tolist(), strict=True)
+        return [
+            {"rank": rank, "train_index": index, **self.recipe.describe(self.train, index), "score": score}
+            for rank, (index, score) in enumerate(pairs, start=1)
+        ]
 
-    def explain(self, test: TextPairData | None = None, described: list[dict[str, Any]] | None = None) -> dict:
+    def explain(self, test: Dataset | None = None, described: list[dict[str, Any]] | None = None) -> dict:
         """Explain the test points (default: those of :meth:`test_points`) by their top helpful and harmful
         training points; returns the JSON-ready report (with s_test diagnostics, index info and stage times)."""
         if test is None:

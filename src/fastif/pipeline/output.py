@@ -15,24 +15,9 @@ from .config import PipelineConfig
 REPORT_FILE = "influence.json"
 CSV_FILE = "influence.csv"
 CONFIG_FILE = "pipeline_config.json"
-CSV_COLUMNS = (
-    "query",
-    "test_index",
-    "test_id",
-    "test_premise",
-    "test_hypothesis",
-    "test_label",
-    "predicted",
-    "correct",
-    "kind",
-    "rank",
-    "train_index",
-    "train_id",
-    "premise",
-    "hypothesis",
-    "label",
-    "score",
-)
+TRAIN_KEYS = ("rank", "train_index", "score")
+SHORT_COLUMNS = ("id", "label")
+"""Display columns joined with ';' across a group's anchors; the (free text) others are joined with ' || '."""
 
 
 def _tests(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,24 +25,43 @@ def _tests(item: dict[str, Any]) -> list[dict[str, Any]]:
     return item["group"] if "group" in item else [item["test"]]
 
 
+def display_columns(report: dict[str, Any]) -> list[str]:
+    """The recipe's display columns of the training points (e.g. id, premise, hypothesis, label), in order."""
+    for item in report["explained"]:
+        for row in (*item["helpful"], *item["harmful"]):
+            return [key for key in row if key not in TRAIN_KEYS]
+    return []
+
+
+def _text_columns(row: dict[str, Any]) -> list[str]:
+    """The free-text display columns of a row (everything the recipe shows but its id and label)."""
+    return [key for key in row if key not in (*TRAIN_KEYS, *SHORT_COLUMNS)]
+
+
+def csv_columns(report: dict[str, Any]) -> list[str]:
+    """CSV header: the query, the test point's columns, then the training point's columns and score."""
+    shown = display_columns(report)
+    test = ["test_index", *(f"test_{key}" for key in shown), "predicted", "correct"]
+    train = ["kind", "rank", "train_index", *(f"train_{key}" if key == "id" else key for key in shown), "score"]
+    return ["query", *test, *train]
+
+
 def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One CSV row per (test point, helpful/harmful, rank); a group's rows name every anchor."""
+    shown = display_columns(report)
     rows = []
     for query, item in enumerate(report["explained"]):
         tests = _tests(item)
-        test = {
-            "test_index": ";".join(str(t.get("index")) for t in tests),
-            "test_id": ";".join(str(t.get("id")) for t in tests),
-            "test_premise": " || ".join(str(t.get("premise")) for t in tests),
-            "test_hypothesis": " || ".join(str(t.get("hypothesis")) for t in tests),
-            "test_label": ";".join(str(t.get("label")) for t in tests),
-            "predicted": ";".join(str(t.get("predicted")) for t in tests),
-            "correct": ";".join(str(t.get("correct")) for t in tests),
-        }
+        test = {"test_index": ";".join(str(t.get("index")) for t in tests)}
+        for key in shown:
+            separator = ";" if key in SHORT_COLUMNS else " || "
+            test[f"test_{key}"] = separator.join(str(t.get(key)) for t in tests)
+        test["predicted"] = ";".join(str(t.get("predicted")) for t in tests)
+        test["correct"] = ";".join(str(t.get("correct")) for t in tests)
         for kind in ("helpful", "harmful"):
             for row in item[kind]:
-                train = {key: row[key] for key in ("rank", "train_index", "premise", "hypothesis", "label", "score")}
-                rows.append({"query": query, **test, "kind": kind, "train_id": row["id"], **train})
+                train = {("train_id" if key == "id" else key): value for key, value in row.items()}
+                rows.append({"query": query, **test, "kind": kind, **train})
     return rows
 
 
@@ -65,7 +69,7 @@ def write_results(report: dict[str, Any], config: PipelineConfig, folder: str | 
     """Write ``influence.json``, ``influence.csv`` and ``pipeline_config.json`` into ``folder`` (atomically)."""
     folder = Path(folder)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(report))
     writer.writeheader()
     writer.writerows(csv_rows(report))
     return [
@@ -92,28 +96,29 @@ def _title(number: int, item: dict[str, Any]) -> str:
     return f"[{number}] {describe_test(tests[0])} ({item['candidates']} candidates)"
 
 
-def _texts(test: dict[str, Any]) -> list[str]:
-    lines = [f"premise:    {test.get('premise')}"]
-    if test.get("hypothesis") is not None:
-        lines.append(f"hypothesis: {test.get('hypothesis')}")
-    return lines
+def _texts(test: dict[str, Any], columns: list[str]) -> list[str]:
+    """The test point's free-text columns, one per line (a missing second text is left out)."""
+    shown = [key for position, key in enumerate(columns) if position == 0 or test.get(key) is not None]
+    return [f"{key + ':':<11} {test.get(key)}" for key in shown]
 
 
 def format_report(report: dict[str, Any], width: int = 120) -> str:
     """The explained test points and their top training points as plain text, ``width`` columns wide."""
-    text_width = max(20, (width - 30) // 2)
+    columns = _text_columns(dict.fromkeys(display_columns(report)))
+    text_width = max(20, (width - 30) // max(2, len(columns)))
     lines: list[str] = []
     for number, item in enumerate(report["explained"], start=1):
         lines.append(_title(number, item))
         for test in _tests(item):
-            lines += ["  " + line for line in _texts(test)]
+            lines += ["  " + line for line in _texts(test, columns)]
         for kind in ("helpful", "harmful"):
             lines.append(f"  most {kind}:")
             for row in item[kind]:
-                premise = textwrap.shorten(str(row["premise"]), text_width, placeholder="…")
-                hypothesis = textwrap.shorten(str(row["hypothesis"] or ""), text_width, placeholder="…")
+                texts = " | ".join(
+                    textwrap.shorten(str(row[key] or ""), text_width, placeholder="…") for key in columns
+                )
                 score = f"{row['score']:>+10.3g}"
-                lines.append(f"  {row['rank']:>3} {score} {row['label']:<14.14} {premise} | {hypothesis}")
+                lines.append(f"  {row['rank']:>3} {score} {row['label']:<14.14} {texts}")
         lines.append("")
     return "\n".join(lines)
 
@@ -128,20 +133,21 @@ def print_report(report: dict[str, Any]) -> None:
         print(format_report(report))
         return
     console = Console(highlight=False)
+    columns = _text_columns(dict.fromkeys(display_columns(report)))
     for number, item in enumerate(report["explained"], start=1):
         console.print(f"[bold]{_title(number, item)}[/bold]")
         for test in _tests(item):
-            for line in _texts(test):
+            for line in _texts(test, columns):
                 console.print("  " + line, markup=False)
         for kind, colour in (("helpful", "green"), ("harmful", "red")):
             table = Table(title=f"most {kind}", title_justify="left", title_style=colour, expand=True)
             table.add_column("#", justify="right", no_wrap=True)
             table.add_column("score", justify="right", no_wrap=True, style=colour)
             table.add_column("label", no_wrap=True)
-            table.add_column("premise", ratio=3)
-            table.add_column("hypothesis", ratio=2)
+            for position, key in enumerate(columns):
+                table.add_column(key, ratio=3 if position == 0 else 2)
             for row in item[kind]:
-                cells = (row["rank"], f"{row['score']:+.3g}", row["label"], row["premise"], row["hypothesis"] or "")
+                cells = (row["rank"], f"{row['score']:+.3g}", row["label"], *(row[key] or "" for key in columns))
                 table.add_row(*(Text(str(cell)) for cell in cells))
             console.print(table)
         console.print()

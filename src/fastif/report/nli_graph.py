@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..adapters import AdapterConfig, HFClassifierAdapter
 from ..app_utils import Subset, dataset_labels, index_cache_folder, machine_info, predict
 from ..config import config_to_dict
 from ..data import Dataset
 from ..errors import ConfigError, DataError
 from ..files import check_writable
 from ..influence import Influence
+from ..model.adapter import AdapterConfig, HFClassifierAdapter
 from ..scores import ScoreConfig
 from ..solvers import LiSSA, LiSSAConfig
 from .from_run import InfluenceRun, compute_run, report_run, summary_lines, write_run
@@ -90,7 +90,8 @@ def pick_points(model: Any, data: Dataset, config: NLIGraphConfig, rng: np.rando
 
 def nli_groups(trained: Any, config: NLIGraphConfig, rng: np.random.Generator) -> dict[str, Dataset]:
     """The test groups: each HANS heuristic of ``hans_eval`` and the MNLI test split (2-class labels)."""
-    from ..nli import TextPairData, load_embedded, nli_label_scheme
+    from ..data.text import TextPairData
+    from ..recipes.nli import load_embedded, nli_label_scheme
 
     names, _ = nli_label_scheme(2)
     hans = load_embedded("hans_eval", 2)
@@ -105,7 +106,8 @@ def nli_groups(trained: Any, config: NLIGraphConfig, rng: np.random.Generator) -
 
 def build_nli_run(config: NLIGraphConfig, log: Callable[[str], None] | None = None) -> InfluenceRun:
     """Score the HANS + MNLI test groups against their kNN candidates on the cached 2-class MNLI model."""
-    from ..nli import NLITrainConfig, TextPairData, load_embedded, nli_label_scheme, train_nli_classifier
+    from ..data.text import TextPairData
+    from ..recipes.nli import NLITrainConfig, load_embedded, nli_label_scheme, train_nli_classifier
 
     log = log or (lambda _message: None)
     start_machine, start = machine_info(), time.perf_counter()

@@ -10,10 +10,10 @@ from typing import Literal
 
 import torch
 
-from ..adapters import ModelAdapter
 from ..data import Dataset
 from ..errors import ConfigError
 from ..hvp import HVPMethod
+from ..model.adapter import ModelAdapter
 
 Backend = Literal["serial", "processes", "distributed"]
 DeviceKind = Literal["cpu", "cuda"]

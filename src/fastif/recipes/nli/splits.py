@@ -1,7 +1,7 @@
 """Seeded, documented splits of the evaluation data into candidate pool / anchor (validation) / test parts.
 
 The rule is the same everywhere: within each stratum, order the records by SHA-256 of ``"<salt>:<seed>:<id>"``
-(:func:`fastif.nli_data.seeded_split`) and cut the order at fixed fractions. Strata are HANS subcases (30 of
+(:func:`fastif.recipes.nli.data.seeded_split`) and cut the order at fixed fractions. Strata are HANS subcases (30 of
 1,000 examples each) and ANLI (round, label) cells, so every part keeps the source's balance. Hash order depends
 only on the ids, so the parts never drift with file order or library versions, and they are disjoint by
 construction. Fixed samples of a part (the anchors the loop draws from, the test points it evaluates on) take
@@ -15,18 +15,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import DataError
-from ..nli_data import NLIRecord, load_embedded, seeded_split
-from .config import ANLI_ROUNDS, HANS_HEURISTICS, SplitConfig
+from ...data.text import TextRecord
+from ...errors import DataError
+from ...experiments.config import ANLI_ROUNDS, HANS_HEURISTICS, SplitConfig
+from .data import load_embedded, seeded_split
 
 
 @dataclass(frozen=True)
 class TaskSplit:
     """Per group (HANS heuristic / ANLI round): the anchor sample and the test sample; plus the pool, if any."""
 
-    anchors: dict[str, list[NLIRecord]]
-    test: dict[str, list[NLIRecord]]
-    pool: list[NLIRecord]
+    anchors: dict[str, list[TextRecord]]
+    test: dict[str, list[TextRecord]]
+    pool: list[TextRecord]
 
     def sizes(self) -> dict[str, dict[str, int]]:
         """Number of records in each part, per group (for the results file)."""
@@ -37,23 +38,23 @@ class TaskSplit:
         }
 
 
-def stratify(records: Sequence[NLIRecord], key: Callable[[NLIRecord], str]) -> dict[str, list[NLIRecord]]:
+def stratify(records: Sequence[TextRecord], key: Callable[[TextRecord], str]) -> dict[str, list[TextRecord]]:
     """Records grouped by ``key``, strata in sorted order, file order within each."""
-    strata: dict[str, list[NLIRecord]] = defaultdict(list)
+    strata: dict[str, list[TextRecord]] = defaultdict(list)
     for record in records:
         strata[key(record)].append(record)
     return {name: strata[name] for name in sorted(strata)}
 
 
 def split_fractions(
-    records: Sequence[NLIRecord], fractions: Sequence[float], seed: int, salt: str
-) -> list[list[NLIRecord]]:
+    records: Sequence[TextRecord], fractions: Sequence[float], seed: int, salt: str
+) -> list[list[TextRecord]]:
     """Hash-order ``records`` and cut them into consecutive parts of the given fractions (the rest last)."""
     sizes = [round(fraction * len(records)) for fraction in fractions]
     return seeded_split(records, [*sizes, len(records) - sum(sizes)], seed, salt)
 
 
-def stratified_sample(strata: dict[str, list[NLIRecord]], total: int, seed: int, salt: str) -> list[NLIRecord]:
+def stratified_sample(strata: dict[str, list[TextRecord]], total: int, seed: int, salt: str) -> list[TextRecord]:
     """``total`` records spread evenly over the strata (first in each stratum's hash order); 0 = all of them."""
     if total == 0:
         return [record for records in strata.values() for record in records]
@@ -68,24 +69,24 @@ def stratified_sample(strata: dict[str, list[NLIRecord]], total: int, seed: int,
 
 
 @lru_cache(maxsize=8)
-def embedded_records(name: str, num_labels: int) -> tuple[NLIRecord, ...]:
+def embedded_records(name: str, num_labels: int) -> tuple[TextRecord, ...]:
     """A bundled set, read once per process (HANS eval alone takes seconds to parse); treat it as read-only."""
     return tuple(load_embedded(name, num_labels))
 
 
-def _hans_subcase(record: NLIRecord) -> str:
+def _hans_subcase(record: TextRecord) -> str:
     return str(record.extra.get("subcase"))
 
 
-def _heuristic(record: NLIRecord) -> str:
+def _heuristic(record: TextRecord) -> str:
     return str(record.extra.get("heuristic"))
 
 
 def hans_split(config: SplitConfig, groups: Sequence[str] = HANS_HEURISTICS) -> TaskSplit:
     """HANS eval (30,000): per subcase, the first ``anchor_fraction`` in hash order are anchors, the rest test."""
     records = embedded_records("hans_eval", 2)
-    anchors: dict[str, list[NLIRecord]] = {}
-    test: dict[str, list[NLIRecord]] = {}
+    anchors: dict[str, list[TextRecord]] = {}
+    test: dict[str, list[TextRecord]] = {}
     for group in groups:
         subcases = stratify([r for r in records if _heuristic(r) == group], _hans_subcase)
         cut = {
@@ -97,7 +98,7 @@ def hans_split(config: SplitConfig, groups: Sequence[str] = HANS_HEURISTICS) -> 
     return TaskSplit(anchors, test, [])
 
 
-def hans_pool(size: int, seed: int) -> list[NLIRecord]:
+def hans_pool(size: int, seed: int) -> list[TextRecord]:
     """The HANS training set (29,035) as augmentation pool; ``size`` > 0 takes a sample stratified by subcase."""
     records = list(embedded_records("hans_train", 2))
     return stratified_sample(stratify(records, _hans_subcase), size, seed, "hans_pool") if size else records
@@ -105,9 +106,9 @@ def hans_pool(size: int, seed: int) -> list[NLIRecord]:
 
 def anli_split(config: SplitConfig, groups: Sequence[str] = ANLI_ROUNDS) -> TaskSplit:
     """ANLI dev r1-r3 (3,198): per (round, label), hash order cut into pool / anchors / test (disjoint)."""
-    anchors: dict[str, list[NLIRecord]] = {}
-    test: dict[str, list[NLIRecord]] = {}
-    pool: list[NLIRecord] = []
+    anchors: dict[str, list[TextRecord]] = {}
+    test: dict[str, list[TextRecord]] = {}
+    pool: list[TextRecord] = []
     for group in ANLI_ROUNDS:
         cells = stratify(embedded_records(f"anli_{group}", 3), lambda r: r.label_name)
         fractions = [config.pool_fraction, config.anchor_fraction]

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from ..errors import DataError
 
 Batch = Any  # a tensor or a (nested) tuple/list/dict of tensors with a shared leading dimension
 

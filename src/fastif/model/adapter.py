@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .data import Batch, batch_len, batch_tensors, map_tensors
-from .errors import DataError, ModelError
+from ..data import Batch, batch_len, batch_tensors, map_tensors
+from ..errors import DataError, ModelError
 
 
 def _matches(name: str, pattern: str) -> bool:

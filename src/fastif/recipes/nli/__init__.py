@@ -1,51 +1,38 @@
-"""NLI stage in one import: text data (:mod:`fastif.nli_data`) and the MiniLM classifier recipe
-(:mod:`fastif.nli_model`)."""
+"""The NLI/MiniLM recipe: bundled MNLI/HANS/ANLI data and label schemes (:mod:`.data`), the MiniLM training
+recipe (:mod:`.model`), HANS/ANLI task splits (:mod:`.splits`), and :data:`RECIPE` for the pipeline
+(:mod:`.recipe`, registered as the ``nli`` entry point of ``fastif.recipes``)."""
 
 from __future__ import annotations
 
-from .nli_data import (
+from .data import (
     EMBEDDED_NAMES,
     MNLI_SPLIT_SIZES,
     NLI2_LABEL_MAP,
     NLI2_LABELS,
     NLI3_LABELS,
-    NLIRecord,
     TextDataConfig,
-    TextPairData,
     embedded_file,
     load_embedded,
     load_text_data,
     load_text_pair_data,
     nli_label_scheme,
-    read_csv,
-    read_jsonl,
-    records_fingerprint,
-    records_from_rows,
     seeded_split,
 )
-from .nli_model import (
+from .model import (
     MINILM_HUB_NAME,
     RECIPE_VERSION,
     NLITrainConfig,
     TrainedModel,
     default_cache_dir,
-    encoder_layers,
-    evaluate_classifier,
-    freeze_lower_layers,
-    is_l2_parameter,
-    l2_penalty,
     length_bucketed_batches,
-    load_classifier,
     load_minilm_classifier,
     load_minilm_tokenizer,
-    load_tokenizer,
     load_trained,
     minilm_path,
-    model_inputs,
-    predict_logits,
     recipe_fingerprint,
     train_nli_classifier,
 )
+from .recipe import RECIPE, NLIRecipe
 
 __all__ = [
     "EMBEDDED_NAMES",
@@ -54,37 +41,24 @@ __all__ = [
     "NLI2_LABELS",
     "NLI2_LABEL_MAP",
     "NLI3_LABELS",
+    "RECIPE",
     "RECIPE_VERSION",
-    "NLIRecord",
+    "NLIRecipe",
     "NLITrainConfig",
     "TextDataConfig",
-    "TextPairData",
     "TrainedModel",
     "default_cache_dir",
     "embedded_file",
-    "encoder_layers",
-    "evaluate_classifier",
-    "freeze_lower_layers",
-    "is_l2_parameter",
-    "l2_penalty",
     "length_bucketed_batches",
-    "load_classifier",
     "load_embedded",
     "load_minilm_classifier",
     "load_minilm_tokenizer",
     "load_text_data",
     "load_text_pair_data",
-    "load_tokenizer",
     "load_trained",
     "minilm_path",
-    "model_inputs",
     "nli_label_scheme",
-    "predict_logits",
-    "read_csv",
-    "read_jsonl",
     "recipe_fingerprint",
-    "records_fingerprint",
-    "records_from_rows",
     "seeded_split",
     "train_nli_classifier",
 ]

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import AdapterConfig, TorchAdapter
-from .data import TensorData
-from .errors import ConfigError
-from .influence import Influence
-from .solvers import SOLVERS
+from ..data import TensorData
+from ..errors import ConfigError
+from ..influence import Influence
+from ..model.adapter import AdapterConfig, TorchAdapter
+from ..solvers import SOLVERS
 
 TabularName = Literal["breast_cancer", "digits", "wine", "iris"]
 
