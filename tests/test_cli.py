@@ -37,10 +37,23 @@ def tiny(tmp_path_factory):
 
 
 def tiny_args(tiny, output) -> list[str]:
-    """Fast options on the tiny checkpoint."""
+    """Fast options on the tiny checkpoint (FastIF's kNN candidates)."""
     return [
         *("--model", str(tiny["model"]), "--train", str(tiny["train"]), "--test", str(tiny["test"])),
-        *("--max-length", "48", "--candidates", "8", "-k", "2", "--depth", "10", "--damping", "0.1"),
+        *(
+            "--max-length",
+            "48",
+            "--candidates",
+            "8",
+            "--candidate-method",
+            "features",
+            "-k",
+            "2",
+            "--depth",
+            "10",
+            "--damping",
+            "0.1",
+        ),
         *("--workers", "1", "--output", str(output), "--no-progress"),
     ]
 

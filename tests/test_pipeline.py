@@ -65,13 +65,14 @@ def tiny(tmp_path_factory):
 
 
 def tiny_config(tiny, folder: Path, **overrides) -> PipelineConfig:
-    """A fast pipeline config on the tiny checkpoint: 10 candidates, top-3, LiSSA 20 steps, one worker."""
+    """A fast pipeline config on the tiny checkpoint: 10 kNN candidates, top-3, LiSSA 20 steps, one worker."""
     settings = {
         "model.model": str(tiny["model"]),
         "data.train": str(tiny["train"]),
         "data.test": str(tiny["test"]),
         "data.max_length": 48,
         "candidates.count": 10,
+        "candidates.method": "features",
         "candidates.batch_size": 16,
         "scoring.top_k": 3,
         "scoring.correct": 1,
@@ -84,6 +85,22 @@ def tiny_config(tiny, folder: Path, **overrides) -> PipelineConfig:
         **overrides,
     }
     return with_overrides(PipelineConfig(), settings)
+
+
+def test_auto_scores_every_point_on_a_first_token_head_and_says_so(tiny, tmp_path):
+    """With only the pooler and classifier selected the frozen head reads one cached [CLS] vector per example, so
+    ``candidates.method = auto`` scores all 40 training points; the report says so, and the scores equal the
+    unfrozen full scan's."""
+    settings = {"candidates.method": "auto", "scoring.test_indices": [0], "solver.method": "cg", "solver.damping": 5.0}
+    report = Pipeline(tiny_config(tiny, tmp_path / "auto", **settings)).explain()
+    assert report["s_test"]["candidates"] == "all" and report["explained"][0]["candidates"] == 40
+    assert report["frozen"] == {"layers": "bert.encoder.layer", "first_layer": 2, "first_token_only": True}
+    off = {**settings, "candidates.method": "all", "parameters.frozen": "off"}
+    on_path, off_path = (Pipeline(tiny_config(tiny, tmp_path / name, **c)) for name, c in (("a", settings), ("b", off)))
+    test = on_path.test_set.subset([0])
+    frozen_scores, full_scores = on_path.candidate_scores(test)[0], off_path.candidate_scores(test)[0]
+    assert off_path.influence.split is None and torch.equal(frozen_scores.indices, full_scores.indices)
+    torch.testing.assert_close(frozen_scores.scores, full_scores.scores, rtol=1e-4, atol=1e-7)
 
 
 def test_end_to_end_knn_lissa_writes_json_csv_and_config(tiny, tmp_path):
@@ -239,7 +256,7 @@ def test_another_feature_layer_and_a_diverging_lissa(tiny, tmp_path):
     with pytest.raises(StoreError, match="different config"):
         Pipeline(tiny_config(tiny, tmp_path)).index  # noqa: B018
     diverging = tiny_config(
-        tiny, tmp_path, **{"solver.scale": 1e-4, "scoring.test_indices": [0], "candidates.count": None}
+        tiny, tmp_path / "diverging", **{"solver.scale": 1e-4, "scoring.test_indices": [0], "candidates.count": None}
     )
     with pytest.raises(SolverError, match=r"LiSSA diverged.*Increase scale"):
         Pipeline(diverging).explain()

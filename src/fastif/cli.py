@@ -147,13 +147,22 @@ PARAMETERS = (
             ("--top-layers",), "parameters.top_layers", "encoder layers (from the top) in the default selection", int
         ),
         _Option(("--l2",), "parameters.l2", "L2 term of the training objective (default: the recipe's, else 0)", float),
+        _Option(
+            ("--frozen",),
+            "parameters.frozen",
+            "frozen-bottom path: compute the layers below the selection once, run influence on the top alone",
+            str,
+            ("auto", "on", "off"),
+        ),
     ),
 )
 INDEX = (
     "kNN index",
     (
         _Option(
-            ("--features",), "candidates.feature_module", "module whose input is the kNN feature (default: classifier)"
+            ("--features",),
+            "candidates.feature_module",
+            "module whose input is the kNN feature (default: the model's head)",
         ),
         _Option(
             ("--index-type",),
@@ -170,6 +179,13 @@ CANDIDATES = (
     (
         _Option(
             ("--candidates",), "candidates.count", "score only the K nearest training points, or 'all'", _count_or_all
+        ),
+        _Option(
+            ("--candidate-method",),
+            "candidates.method",
+            "how candidates are found: FastIF's feature kNN, all points, or auto (all where the frozen head is cheap)",
+            str,
+            ("auto", "features", "all"),
         ),
     ),
 )
@@ -302,15 +318,6 @@ def _describe_model(info: dict[str, Any], labels: Sequence[str]) -> str:
     return line
 
 
-def _describe_index(info: dict[str, Any], seconds: float) -> str:
-    """One line about the kNN index: size, features, and whether it was reused."""
-    how = "reused" if info["features_loaded"] and info["index_loaded"] else "built"
-    return (
-        f"index: {info['n']} training points, {info['d']}-d features (input of {info['feature_module']!r}), "
-        f"{how} in {seconds:.1f} s at {info['folder']}"
-    )
-
-
 def _describe_s_test(s_test: dict[str, Any]) -> str:
     """How s_test was solved, with LiSSA's scale and convergence diagnostics, and the solver's warnings."""
     line = f"s_test: {s_test['method']}"
@@ -344,9 +351,8 @@ def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, i
         print(intro)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
-    if config.candidates.count is not None:
-        pipeline.index  # noqa: B018 - build or load it now, to report it before the slow part
-        print(_describe_index(pipeline.index_info, pipeline.timings["index"]), flush=True)
+    for line in pipeline.prepare():  # the one-off stages, reported before the slow part
+        print(line, flush=True)
     report = pipeline.explain()
     print()
     print_report(report)
@@ -373,13 +379,14 @@ def _influence(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace) -> int:
     from .config import save_config
     from .pipeline import Pipeline
+    from .pipeline.output import describe_index
 
     config = _pipeline_config(args)
     _check_outputs(config, index=True)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
     pipeline.index  # noqa: B018 - builds or loads the index
-    print(_describe_index(pipeline.index_info, pipeline.timings["index"]))
+    print(describe_index(pipeline.index_info) + f" in {pipeline.timings['index']:.1f} s")
     path = save_config(config, Path(config.output.folder) / "pipeline_config.json")
     print(f"wrote {path}")
     return 0

@@ -366,12 +366,21 @@ def encode_prefix(
     return Encoded(sink.finish(data), stacked, bool(captured.get("tuple", False)))
 
 
+def _entry_name(split: Split) -> str:
+    return f"frozen-{split.layers}-{split.first}{'-first-token' if split.first_token_only else ''}".replace(".", "_")
+
+
+def has_encoding(store: Store, split: Split) -> bool:
+    """Whether ``store`` holds a finished encoding at ``split``."""
+    name = _entry_name(split)
+    return store.has(f"{name}-states") and store.has(f"{name}-index")
+
+
 def cached_encoding(store: Store, split: Split, data: Dataset, compute: Callable[[], Encoded]) -> Encoded:
     """The encoding of ``data`` at ``split`` from ``store`` (a Store keyed by this model and data), or ``compute()``
     saved there: activations as a mapped ``.npy`` entry, sizes and features as tensors, named after the split."""
-    name = f"frozen-{split.layers}-{split.first}{'-first-token' if split.first_token_only else ''}"
-    name = name.replace(".", "_")
-    if store.has(f"{name}-states") and store.has(f"{name}-index"):
+    name = _entry_name(split)
+    if has_encoding(store, split):
         index = store.load(f"{name}-index")
         sizes = index["sizes"].tolist()
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()

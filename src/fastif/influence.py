@@ -17,8 +17,9 @@ per example (:mod:`fastif.frozen`) and every gradient, HVP and score runs on the
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,16 @@ from torch import Tensor
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
-from .frozen import DEFAULT_BUDGET_BYTES, Encoded, FrozenAdapter, FrozenMode, cached_encoding, encode_prefix, find_split
+from .frozen import (
+    DEFAULT_BUDGET_BYTES,
+    Encoded,
+    FrozenAdapter,
+    FrozenMode,
+    cached_encoding,
+    encode_prefix,
+    find_split,
+    has_encoding,
+)
 from .gradient_store import GradientStore, GradientStoreConfig, build_store
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
@@ -53,6 +63,7 @@ class TopK:
 
 
 CandidateMethod = Literal["all", "features", "gradients"]
+FEATURES_ENTRY = "train_features"
 
 
 @dataclass
@@ -60,13 +71,15 @@ class CandidateScores:
     """Each test point's scored candidates: ``indices`` [n, K] into the training set (a point retrieved on both
     sides may appear twice; :meth:`top_k` counts it once), their exact ``scores`` [n, K], the ``solve`` that made
     s_test (with its diagnostics), how the candidates were found (``method``) and, for gradient retrieval, per row
-    the estimated recall of the exact top-k on each side (``recall[i]["helpful"|"harmful"]``)."""
+    the estimated recall of the exact top-k on each side (``recall[i]["helpful"|"harmful"]``); ``timings`` holds
+    the seconds spent finding candidates, solving s_test (test gradients included) and scoring."""
 
     indices: Tensor
     scores: Tensor
     solve: SolveResult
     method: str
     recall: list[dict[str, RecallEstimate]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def top_k(self, k: int) -> TopK:
         """The ``k`` most helpful and most harmful of each row's (distinct) candidates."""
@@ -165,11 +178,27 @@ class Influence:
 
     @cached_property
     def train_features(self) -> Tensor:
-        """kNN features [n, d] of every training point (from the frozen path's one pass when it runs)."""
+        """kNN features [n, d] of every training point (from the frozen path's one pass when it runs; from, or
+        saved to, ``cache`` otherwise)."""
         encoded = self._train_encoded
         if encoded is not None:
             return encoded.features
-        return compute_features(self.adapter, self.train, self.score_config.batch_size)
+        compute = lambda: compute_features(self.adapter, self.train, self.score_config.batch_size)  # noqa: E731
+        if self.cache is None:
+            return compute()
+        return self.cache.get_or_compute(FEATURES_ENTRY, compute, {"n": len(self.train)})
+
+    def cached_training_pass(self) -> bool:
+        """Run the one pass over the training set now (activations on the frozen path, else kNN features), from
+        ``cache`` where it holds it; True if it was loaded rather than computed."""
+        if self.cache is None:
+            loaded = False
+        elif self.split is not None:
+            loaded = has_encoding(self.cache, self.split)
+        else:
+            loaded = self.cache.has(FEATURES_ENTRY)
+        self.train_features  # noqa: B018
+        return loaded
 
     def prepare(self, test: Any) -> _Prepared:
         """``test`` as the working adapter reads it, with its features when the frozen pass computed them."""
@@ -299,26 +328,34 @@ class Influence:
             raise DataError(f"method must be 'all', 'features' or 'gradients', got {method!r}")
         if method != "all" and train_indices is not None:
             raise DataError("give either train_indices (scores them all) or num_candidates, not both")
+        timings: dict[str, float] = {}
         prepared = self.prepare(test)
         if method == "all":
-            return self._score_all(prepared, group, train_indices)
+            return self._score_all(prepared, group, train_indices, timings)
         if num_candidates is None:
             raise DataError(f"method={method!r} needs num_candidates, the number of training points to score")
         _check_k(num_candidates, len(self.train), "num_candidates")
-        if method == "features":
+        if method == "gradients":
+            return self._retrieve_and_rerank(prepared, num_candidates, group, recall_k, timings)
+        with _timed(timings, "candidates"):
             neighbours = self._nearest(prepared, num_candidates, group)
+        with _timed(timings, "s_test"):
             result = self._solve(prepared.data, group)
+        with _timed(timings, "scores"):
             rows = [self.score_s_test(result.x[i : i + 1], row.tolist()) for i, row in enumerate(neighbours)]
-            return CandidateScores(neighbours.long(), torch.cat(rows), result, "features")
-        return self._retrieve_and_rerank(prepared, num_candidates, group, recall_k)
+        return CandidateScores(neighbours.long(), torch.cat(rows), result, "features", timings=timings)
 
-    def _score_all(self, prepared: _Prepared, group: bool, train_indices: Sequence[int] | None) -> CandidateScores:
+    def _score_all(
+        self, prepared: _Prepared, group: bool, train_indices: Sequence[int] | None, timings: dict[str, float]
+    ) -> CandidateScores:
         _check_indices(train_indices, len(self.train))
         pool = list(range(len(self.train))) if train_indices is None else [int(i) for i in train_indices]
-        result = self._solve(prepared.data, group)
-        scores = self.score_s_test(result.x, pool)
+        with _timed(timings, "s_test"):
+            result = self._solve(prepared.data, group)
+        with _timed(timings, "scores"):
+            scores = self.score_s_test(result.x, pool)
         indices = torch.as_tensor(pool, dtype=torch.long).expand(scores.shape[0], -1)
-        return CandidateScores(indices.contiguous(), scores, result, "all")
+        return CandidateScores(indices.contiguous(), scores, result, "all", timings=timings)
 
     def use_gradient_store(self, store: GradientStore) -> Influence:
         """Retrieve ``method="gradients"`` candidates from ``store`` (built by :func:`fastif.gradient_store.
@@ -336,20 +373,23 @@ class Influence:
         return report
 
     def _retrieve_and_rerank(
-        self, prepared: _Prepared, num_candidates: int, group: bool, recall_k: int
+        self, prepared: _Prepared, num_candidates: int, group: bool, recall_k: int, timings: dict[str, float]
     ) -> CandidateScores:
         if self.gradients is None:
             raise DataError("method='gradients' needs a gradient store: call build_gradient_store(folder) first")
         store = self.gradients
         per_side = max(1, -(-num_candidates // 2))
         _check_k(recall_k, per_side, "recall_k (at most num_candidates / 2)")
-        result = self._solve(prepared.data, group)
-        found = store.search(result.x, per_side)
-        approximate = store.scores(result.x)
+        with _timed(timings, "s_test"):
+            result = self._solve(prepared.data, group)
+        with _timed(timings, "candidates"):
+            found = store.search(result.x, per_side)
+            approximate = store.scores(result.x)
         rows, recall = [], []
         for i in range(result.x.shape[0]):
             helpful, harmful = found.helpful[i], found.harmful[i]
-            exact = self.score_s_test(result.x[i : i + 1], [*helpful.tolist(), *harmful.tolist()])[0]
+            with _timed(timings, "scores"):
+                exact = self.score_s_test(result.x[i : i + 1], [*helpful.tolist(), *harmful.tolist()])[0]
             rows.append((torch.as_tensor(np.concatenate([helpful, harmful])), exact))
             sides = {"helpful": (helpful, exact[:per_side], True), "harmful": (harmful, exact[per_side:], False)}
             recall.append(
@@ -361,7 +401,8 @@ class Influence:
                 }
             )
         indices = torch.stack([row[0] for row in rows]).long()
-        return CandidateScores(indices, torch.stack([row[1] for row in rows]), result, "gradients", recall)
+        scores = torch.stack([row[1] for row in rows])
+        return CandidateScores(indices, scores, result, "gradients", recall, timings)
 
     def top_k(
         self,
@@ -397,6 +438,16 @@ class Influence:
             self.work_adapter, self.flat, self.train_view, indices, len(indices), self.score_config.chunk_size
         )
         return (gradients * self.solver.solve(gradients).x).sum(dim=1)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _distinct(indices: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from ..candidates import CandidateConfig
 from ..config import config_from_dict, config_to_dict
 from ..errors import ConfigError
+from ..frozen import FrozenMode
 from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
 from .recipe import find_recipe
@@ -80,7 +81,9 @@ class ParameterConfig:
     With ``include`` empty: the last ``top_layers`` encoder layers plus everything outside the embeddings and the
     encoder (pooler, classifier). The default 0 keeps the pooler and classifier (149k parameters on MiniLM), which
     fits the demo's time budget on 2 CPU cores; FastIF took BERT's top two layers too (``top_layers=2``).
-    ``l2=None`` takes the recipe's L2 for a fastif-trained model and 0 otherwise.
+    ``l2=None`` takes the recipe's L2 for a fastif-trained model and 0 otherwise. ``frozen`` picks the frozen-bottom
+    path (:mod:`fastif.frozen`): ``"auto"`` computes the layers below the selection once per example and runs
+    every influence step on the top alone (same numbers), where the architecture has a splitter.
     """
 
     include: tuple[str, ...] = ()
@@ -88,32 +91,40 @@ class ParameterConfig:
     top_layers: int = 0
     l2: float | None = None
     l2_exclude: tuple[str, ...] = L2_EXCLUDE
+    frozen: FrozenMode = "auto"
 
     def __post_init__(self) -> None:
-        """Refuse a negative layer count or L2 term."""
+        """Refuse a negative layer count or L2 term, or an unknown frozen mode."""
         if self.top_layers < 0:
             raise ConfigError(f"parameters.top_layers must be >= 0, got {self.top_layers}")
+        if self.frozen not in ("auto", "on", "off"):
+            raise ConfigError(f"parameters.frozen must be 'auto', 'on' or 'off', got {self.frozen!r}")
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"parameters.l2 must be >= 0, got {self.l2}")
 
 
 @dataclass(frozen=True)
 class CandidatesConfig:
-    """FastIF's candidate stage: score only the ``count`` training points nearest in feature space (``None`` = all).
+    """The candidate stage: which ``count`` training points are scored exactly (``None`` = all of them).
 
-    Features are the input of ``feature_module`` at the [CLS] position; the default, ``"classifier"``, is the
-    pooled [CLS] vector that feeds a BERT classifier. Another module (e.g. ``"bert.encoder.layer.3"``) takes
-    that layer's input. Features (and predictions) are computed ``batch_size`` examples at a time; ``faiss`` holds
-    the index type and its parameters.
+    ``method``: ``"features"`` is FastIF's kNN in feature space; ``"all"`` scores every training point;
+    ``"auto"`` (default) scores all of them where the frozen head reads one cached vector per example (there that
+    costs less than the kNN query) and takes ``"features"`` otherwise. Features are the input of
+    ``feature_module`` at the position the model classifies from; the default, ``None``, finds the head (BERT's
+    ``classifier``, GPT-2's and Llama's ``score``): for BERT the pooled [CLS] vector. Features (and predictions)
+    are computed ``batch_size`` examples at a time; ``faiss`` holds the index type and its parameters.
     """
 
     count: int | None = 100
-    feature_module: str = "classifier"
+    method: Literal["auto", "features", "all"] = "auto"
+    feature_module: str | None = None
     batch_size: int = 64
     faiss: CandidateConfig = field(default_factory=CandidateConfig)
 
     def __post_init__(self) -> None:
-        """Refuse a non-positive count or batch size."""
+        """Refuse a non-positive count or batch size, or an unknown method."""
+        if self.method not in ("auto", "features", "all"):
+            raise ConfigError(f"candidates.method must be 'auto', 'features' or 'all', got {self.method!r}")
         if self.count is not None and self.count < 1:
             raise ConfigError(
                 f"candidates.count must be positive (or unset to score every training point), got {self.count}"

@@ -23,22 +23,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..candidates import CandidateIndex
+from ..candidates import MANIFEST_FILE, CandidateIndex, compute_features
 from ..config import config_to_dict, save_config
 from ..data import Dataset, iter_batches, length_order
 from ..errors import ConfigError, DataError, StoreError
-from ..grads import dataset_grads, mean_loss_grad
-from ..hvp import Hessian
-from ..influence import TopK, top_k_from_scores
+from ..influence import CandidateScores, Influence
 from ..model.adapter import AdapterConfig, HFClassifierAdapter
 from ..model.hf import top_layer_parameters
 from ..model.predict import dataset_labels
-from ..runner import Problem, Runner, RunnerConfig, usable_cores
-from ..scores import ScoreConfig, score_matrix
-from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, SolveResult, solver_from_config
+from ..runner import RunnerConfig, usable_cores
+from ..scores import ScoreConfig
+from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, solver_from_config
 from ..store import Store, fingerprint_parameters
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
-from .output import write_results
+from .output import describe_index, write_results
 from .recipe import LoadedModel, Recipe, find_recipe
 
 SEMANTICS = (
@@ -65,7 +63,7 @@ def selected_parameters(model: torch.nn.Module, config: ParameterConfig) -> tupl
     return config.include or top_layer_parameters(model, config.top_layers)
 
 
-def build_adapter(loaded: LoadedModel, config: ParameterConfig, feature_module: str) -> HFClassifierAdapter:
+def build_adapter(loaded: LoadedModel, config: ParameterConfig, feature_module: str | None) -> HFClassifierAdapter:
     """The HF adapter over the selected parameters, with the model's training L2 term unless ``config.l2`` is set."""
     l2 = config.l2 if config.l2 is not None else (loaded.l2 or 0.0)
     adapter_config = AdapterConfig(
@@ -108,27 +106,12 @@ def solver_config(config: SolverStageConfig, seed: int, repeats: int) -> Any:
     return IdentityConfig()
 
 
-class _ProgressHessian(Hessian):
-    """A Hessian that ticks a progress bar on every HVP, so long solves show their progress."""
-
-    def __init__(self, *args: Any, bar: tqdm, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.bar = bar
-
-    def matvec(self, vectors: Tensor) -> Tensor:
-        result = super().matvec(vectors)
-        self.bar.update(1)
-        return result
-
-    def batch_matvec(self, vectors: Tensor, indices: Sequence[int]) -> Tensor:
-        result = super().batch_matvec(vectors, indices)
-        self.bar.update(1)
-        return result
-
-
-def _top_row(top: TopK, row: int) -> TopK:
-    """Row ``row`` of a TopK, kept two-dimensional."""
-    return TopK(*(getattr(top, name)[row : row + 1] for name in TopK.__dataclass_fields__))
+def _describe_split(influence: Influence) -> dict[str, Any] | None:
+    """The frozen path as JSON: where the model is cut and what the cache holds (None when it does not run)."""
+    split = influence.split
+    if split is None:
+        return None
+    return {"layers": split.layers, "first_layer": split.first, "first_token_only": split.first_token_only}
 
 
 def json_ready(value: Any) -> Any:
@@ -212,16 +195,12 @@ class Pipeline:
             rows.update(zip(chunk, logits.softmax(-1).float().cpu(), strict=True))
         return torch.stack([rows[i] for i in range(len(data))])
 
-    def features(self, data: Dataset, desc: str | None = None) -> Tensor:
-        """kNN features [n, d] of every example, in length-sorted batches (with a progress bar when ``desc``)."""
-        rows: dict[int, Tensor] = {}
-        order = length_order(data, range(len(data)))
-        bar = self._bar(desc is not None, total=len(data), desc=desc, unit="ex")
-        for chunk, batch in iter_batches(data, self.config.candidates.batch_size, order):
-            rows.update(zip(chunk, self.adapter.features(self.adapter.to_device(batch)).float().cpu(), strict=True))
-            bar.update(len(chunk))
-        bar.close()
-        return torch.stack([rows[i] for i in range(len(data))])
+    def features(self, data: Dataset) -> Tensor:
+        """kNN features [n, d] of every example (from the frozen path's pass where it runs)."""
+        prepared = self.influence.prepare(data)
+        if prepared.features is not None:
+            return prepared.features
+        return compute_features(self.adapter, data, self.config.candidates.batch_size)
 
     # ------------------------------------------------------------------------------------------ index
 
@@ -232,8 +211,9 @@ class Pipeline:
             "model_fingerprint": fingerprint_parameters(dict(self.loaded.model.state_dict())),
             "data_fingerprint": self.train.fingerprint(),
             "config": {
-                "feature_module": config.candidates.feature_module,
+                "feature_module": self.adapter.feature_name,
                 "faiss": config_to_dict(config.candidates.faiss),
+                "parameters": list(self.adapter.names),
             },
         }
         try:
@@ -244,33 +224,59 @@ class Pipeline:
             return Store.open(config.output.index_path, overwrite=True, **identity)
 
     @cached_property
+    def influence(self) -> Influence:
+        """The facade every influence step goes through: solver, score settings, the frozen path and the index."""
+        stage, scoring = self.config.solver, self.config.scoring
+        _, repeats = self._workers()
+        solver = solver_from_config(solver_config(stage, self.config.seed, repeats))
+        return Influence(
+            self.adapter,
+            self.train,
+            solver,
+            ScoreConfig(method=scoring.method, batch_size=scoring.batch_size),
+            hessian_batch_size=stage.hessian_batch_size,
+            candidates=self.config.candidates.faiss,
+            frozen=self.config.parameters.frozen,
+        )
+
+    @cached_property
+    def training_pass(self) -> dict[str, Any]:
+        """The one pass over the training set (activations on the frozen path, else kNN features): loaded from the
+        store when it holds it, else computed and saved there. Returns what ran, for the report."""
+        influence = self.influence
+        with self.stage("index"), self._open_store() as store:
+            influence.cache = store
+            try:
+                loaded = influence.cached_training_pass()
+            finally:
+                influence.cache = None
+        return {"folder": str(store.folder), "loaded": loaded, "split": _describe_split(influence)}
+
+    @cached_property
     def index(self) -> CandidateIndex:
         """The FAISS index over the training features: loaded from the store when it holds one, else built, saved."""
-        train, module = self.train, self.config.candidates.feature_module
+        influence, info = self.influence, self.training_pass
         with self.stage("index"), self._open_store() as store:
-            features_loaded = store.has(FEATURES_ENTRY)
-            if features_loaded:
-                features = store.load(FEATURES_ENTRY)
-            else:
-                features = self.features(train, "training features")
-                store.save(FEATURES_ENTRY, features, {"n": len(train), "feature_module": module})
             folder = store.folder / FAISS_FOLDER
             try:
                 index = CandidateIndex.load(folder)
-                index.check_features(features)
+                index.check_features(influence.train_features)
                 index_loaded = True
-            except StoreError:
-                index = CandidateIndex.build(features, self.config.candidates.faiss)
+            except StoreError as error:
+                if (folder / MANIFEST_FILE).exists():
+                    warnings.warn(f"{error}; rebuilt the index", RuntimeWarning, stacklevel=2)
+                index = CandidateIndex.build(influence.train_features, self.config.candidates.faiss)
                 index.save(folder)
                 save_config(self.config.candidates, folder / "knn_config.json")
                 index_loaded = False
+        influence.build_index(index)
         self.index_info = {
-            "folder": str(store.folder),
-            "features_loaded": features_loaded,
+            "folder": info["folder"],
+            "features_loaded": info["loaded"],
             "index_loaded": index_loaded,
             "n": index.n,
             "d": index.d,
-            "feature_module": module,
+            "feature_module": self.adapter.feature_name,
         }
         return index
 
@@ -349,78 +355,65 @@ class Pipeline:
             workers = 1
         return min(workers, repeats), repeats
 
-    def solve(self, vectors: Tensor) -> tuple[SolveResult, dict[str, Any]]:
-        """s_test for the rows of ``vectors`` and how it ran; parallel LiSSA chains when there are workers.
+    def _method(self) -> str:
+        """The candidate method: ``auto`` scores every training point where the frozen head reads one cached
+        vector per example (cheaper than the kNN query), and takes FastIF's feature kNN otherwise."""
+        config = self.config.candidates
+        if config.count is None:
+            return "all"
+        if config.method != "auto":
+            return config.method
+        split = self.influence.split
+        return "all" if split is not None and split.first_token_only else "features"
 
-        The solver's warnings (e.g. a chain that has not settled) go into the returned run info, so the CLI can
-        print them after the tables instead of in the middle of a progress bar.
+    def prepare(self) -> list[str]:
+        """Run the one-off stages now (the frozen path's training pass, the kNN index where it is used) and say in
+        a line each what ran, so a command can report them before the slow part."""
+        lines, influence, method = [], self.influence, self._method()
+        if influence.split is not None:
+            info = self.training_pass
+            split, how = info["split"], "reused" if info["loaded"] else "computed"
+            cached = "the first token" if split["first_token_only"] else f"the input of layer {split['first_layer']}"
+            lines.append(
+                f"frozen path: {cached} of every training point {how} ({self.timings.get('index', 0.0):.1f} s); "
+                "gradients, HVPs and scores run on the top alone"
+            )
+        if method == "features":
+            self.index  # noqa: B018
+            lines.append(describe_index(self.index_info))
+        elif method == "all" and self.config.candidates.count is not None:
+            lines.append(
+                f"candidates: all {len(self.train)} training points are scored (the frozen head reads one cached "
+                "vector per example, which costs less than the kNN query); candidates.method=features for FastIF's kNN"
+            )
+        return lines
+
+    def candidate_scores(self, test: Dataset) -> tuple[CandidateScores, dict[str, Any]]:
+        """The facade's candidates → s_test → scores for ``test`` and how s_test ran (workers, warnings).
+
+        The solver's warnings (e.g. a chain that has not settled) go into the run info, so the CLI can print them
+        after the tables instead of in the middle of a progress bar.
         """
+        influence, method = self.influence, self._method()
+        if influence.split is not None:
+            self.training_pass  # noqa: B018 (the frozen path's activations: loaded or computed once)
+        if method == "features":
+            self.index  # noqa: B018
         workers, repeats = self._workers()
-        typed = solver_config(self.config.solver, self.config.seed, repeats)
-        run: dict[str, Any] = {"method": self.config.solver.method, "workers": workers}
+        count = None if method == "all" else self.config.candidates.count
+        if count is not None and count > len(self.train):
+            raise DataError(
+                f"candidates.count={count} exceeds the {len(self.train)} training points; lower --candidates"
+            )
+        run: dict[str, Any] = {"method": self.config.solver.method, "workers": workers, "candidates": method}
         run["repeats"] = repeats if self.config.solver.method == "lissa" else None
-        with self.stage("s_test"), warnings.catch_warnings(record=True) as caught:
+        parallel = influence.parallel(RunnerConfig(backend="processes", workers=workers)) if workers > 1 else None
+        with warnings.catch_warnings(record=True) as caught, parallel or contextlib.nullcontext():
             warnings.simplefilter("always")
-            result = self._solve_parallel(typed, vectors, workers) if workers > 1 else self._solve_here(typed, vectors)
+            result = influence.candidate_scores(test, count, self.config.scoring.group, method=method)
+        for name, seconds in result.timings.items():
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
         return result, {**run, "warnings": [str(warning.message) for warning in caught]}
-
-    def _solve_parallel(self, typed: Any, vectors: Tensor, workers: int) -> SolveResult:
-        """LiSSA chains spread over ``workers`` local processes (``fastif.runner``)."""
-        train, batch_size = self.train, self.config.solver.hessian_batch_size
-
-        def build(_device: torch.device) -> Problem:
-            return Problem(self.adapter, train, batch_size)
-
-        with Runner(build, RunnerConfig(backend="processes", workers=workers)) as runner:
-            return runner.solve(typed, vectors)
-
-    def _solve_here(self, typed: Any, vectors: Tensor) -> SolveResult:
-        """Any solver in this process, with a progress bar over its Hessian-vector products."""
-        stage = self.config.solver
-        total = None
-        if stage.method == "lissa":
-            total = stage.scale_samples * stage.power_iterations * (stage.scale is None) + typed.repeats * stage.depth
-        bar = self._bar(total=total, desc="s_test", unit="hvp")
-        hessian = _ProgressHessian(self.adapter, self.train, self.flat, stage.hessian_batch_size, bar=bar)
-        try:
-            return solver_from_config(typed).fit(hessian).solve(vectors)
-        finally:
-            bar.close()
-
-    # ------------------------------------------------------------------------------------------ explain
-
-    def _candidates(self, test: Dataset) -> list[list[int]] | None:
-        """Each test point's k nearest training points (one list for a group), or None to score them all."""
-        k, group = self.config.candidates.count, self.config.scoring.group
-        if k is None:
-            return None
-        index = self.index
-        if k > index.n:
-            raise DataError(f"candidates.count={k} exceeds the {index.n} training points; lower --candidates")
-        with self.stage("knn"):
-            features = self.features(test)
-            if group:
-                return [index.search_mean(features, k).tolist()]
-            return index.search(features, k)[1].tolist()
-
-    def _score(self, s_test: Tensor, candidates: list[list[int]] | None) -> list[TopK]:
-        """Top-k helpful and harmful training points per s_test row, among its candidates (or all points)."""
-        scoring, train = self.config.scoring, self.train
-        config = ScoreConfig(method=scoring.method, batch_size=scoring.batch_size)
-        pool = len(train) if candidates is None else len(candidates[0])
-        if scoring.top_k > pool:
-            raise DataError(f"scoring.top_k={scoring.top_k} exceeds the {pool} scored training points per test point")
-        with self.stage("scores"):
-            if candidates is None:
-                scores = score_matrix(self.adapter, self.flat, s_test, train, None, config)
-                top = top_k_from_scores(scores, scoring.top_k)
-                return [_top_row(top, i) for i in range(len(s_test))]
-            results = []
-            for row, indices in zip(self._bar(iterable=s_test, desc="scores", unit="test"), candidates, strict=True):
-                order = sorted(indices, key=lambda j: train.lengths[j])  # similar lengths per batch: little padding
-                scores = score_matrix(self.adapter, self.flat, row[None], train, order, config)
-                results.append(top_k_from_scores(scores, scoring.top_k, order))
-            return results
 
     def _rows(self, indices: Tensor, scores: Tensor) -> list[dict[str, Any]]:
         """Training points as JSON rows: rank, index, the recipe's display columns, and score."""
@@ -436,26 +429,24 @@ class Pipeline:
         if test is None:
             test, described = self.test_points()
         described = described or [{"index": i} for i in range(len(test))]
-        group = self.config.scoring.group
-        candidates = self._candidates(test)
-        with self.stage("test gradients"):
-            if group:
-                vectors = mean_loss_grad(self.adapter, self.flat, test, self.config.scoring.batch_size)[None]
-            else:
-                vectors = dataset_grads(self.adapter, self.flat, test, batch_size=self.config.scoring.batch_size)
-        result, run = self.solve(vectors.detach())  # a group's gradient can carry a graph to frozen parameters
-        tops = self._score(result.x, candidates)
-        queries = [{"group": described}] if group else [{"test": item} for item in described]
+        scored, run = self.candidate_scores(test)
+        top_k = self.config.scoring.top_k
+        if top_k > scored.indices.shape[1]:
+            raise DataError(
+                f"scoring.top_k={top_k} exceeds the {scored.indices.shape[1]} scored training points per test point"
+            )
+        top = scored.top_k(top_k)
+        queries = [{"group": described}] if self.config.scoring.group else [{"test": item} for item in described]
         explained = [
             {
                 **query,
-                "candidates": len(self.train) if candidates is None else len(candidates[i]),
-                "helpful": self._rows(top.helpful_indices[0], top.helpful_scores[0]),
-                "harmful": self._rows(top.harmful_indices[0], top.harmful_scores[0]),
+                "candidates": int(scored.indices.shape[1]),
+                "helpful": self._rows(top.helpful_indices[i], top.helpful_scores[i]),
+                "harmful": self._rows(top.harmful_indices[i], top.harmful_scores[i]),
             }
-            for i, (query, top) in enumerate(zip(queries, tops, strict=True))
+            for i, query in enumerate(queries)
         ]
-        return self.report(explained, {**run, **json_ready(result.info)})
+        return self.report(explained, {**run, **json_ready(scored.solve.info)})
 
     def report(self, explained: list[dict[str, Any]], s_test: dict[str, Any]) -> dict[str, Any]:
         """The JSON-ready results of a run: semantics, model, parameters, index, s_test diagnostics and times."""
@@ -467,6 +458,7 @@ class Pipeline:
             "model": {**self.loaded.info, "labels": list(self.loaded.label_names)},
             "parameters": {"count": self.adapter.num_params, "include": list(self.adapter.config.include)},
             "train": {"source": self.config.data.train, "size": len(self.train)},
+            "frozen": self.training_pass["split"] if "training_pass" in self.__dict__ else None,
             "index": self.index_info,
             "s_test": s_test,
             "timings": dict(self.timings),

@@ -153,6 +153,15 @@ def print_report(report: dict[str, Any]) -> None:
         console.print()
 
 
+def describe_index(info: dict[str, Any]) -> str:
+    """One line about the kNN index: size, features, and whether it was reused."""
+    how = "reused" if info["features_loaded"] and info["index_loaded"] else "built"
+    return (
+        f"index: {info['n']} training points, {info['d']}-d features (input of {info['feature_module']!r}), "
+        f"{how} at {info['folder']}"
+    )
+
+
 def format_timings(timings: dict[str, float]) -> str:
     """Stage times on one line, e.g. ``model 2.1 s · index 0.3 s · s_test 30.2 s``."""
     return " · ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
