@@ -132,13 +132,13 @@ UNWRITABLE = [
     (["train", "--output", "BLOCKED"], "fastif.recipes.nli.train_nli_classifier", "--output"),
     (["bench", "--output", "BLOCKED"], "fastif.pipeline.bench.run_bench", "--output"),
     (["example", "--output", "BLOCKED"], "fastif.recipes.tabular.run_tabular", "--output"),
-    (["experiment", "correct", "--quick", "--output", "BLOCKED"], "fastif.experiments.finetune.run_experiment",
+    (["experiment", "correct", "--quick", "--output", "BLOCKED"], "fastif.recipes.nli.apps.run_nli_experiment",
      "--output"),
     (["experiment", "augment", "--quick", "--output", "OK", "--cache-dir", "BLOCKED"],
-     "fastif.experiments.finetune.run_experiment", "--cache-dir"),
-    (["experiment", "simulatability", "--output", "BLOCKED"], "fastif.simulatability.run_nli_simulatability",
+     "fastif.recipes.nli.apps.run_nli_experiment", "--cache-dir"),
+    (["experiment", "simulatability", "--output", "BLOCKED"], "fastif.recipes.nli.apps.run_nli_simulatability",
      "--output"),
-    (["experiment", "influence-graph", "--output", "BLOCKED"], "fastif.report.nli_graph.build_nli_run", "--output"),
+    (["experiment", "influence-graph", "--output", "BLOCKED"], "fastif.recipes.nli.apps.build_nli_run", "--output"),
     (["report", "RUN", "--output", "BLOCKED"], "fastif.report.from_run.write_report", "--output"),
 ]  # fmt: skip
 

@@ -9,24 +9,17 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fastif.applications.finetune.config import SplitConfig
+from fastif.applications.finetune.head import TopLayers, encode_hidden, top_layers_adapter
+from fastif.applications.finetune.run import anchor_schedule, collate, evaluate, mean_loss, sgd_step
+from fastif.applications.finetune.summary import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
+from fastif.cli.applications import add_experiment_commands
+from fastif.cli.applications import experiment_config_from_args as config_from_args
 from fastif.config import config_to_dict, save_config
 from fastif.data.text import TextPairData
 from fastif.errors import ConfigError
-from fastif.experiments import (
-    ExperimentConfig,
-    SplitConfig,
-    TopLayers,
-    add_experiment_commands,
-    default_config,
-    encode_hidden,
-    load_experiment_config,
-    quick_config,
-)
-from fastif.experiments.cli import config_from_args
-from fastif.experiments.finetune import anchor_schedule, collate, evaluate, mean_loss, sgd_step
-from fastif.experiments.head import top_layers_adapter
-from fastif.experiments.report import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
 from fastif.recipes.nli import load_embedded, load_minilm_tokenizer, nli_label_scheme
+from fastif.recipes.nli.apps import NLI_TASK, ExperimentConfig, default_config, load_experiment_config, quick_config
 from fastif.recipes.nli.splits import anli_split, hans_split
 
 
@@ -161,7 +154,7 @@ def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
 
 
 def test_cls_only_top_and_the_disk_cache(tokenizer, tmp_path):
-    from fastif.experiments.head import cached_encode, model_fingerprint
+    from fastif.applications.finetune.head import cached_encode, model_fingerprint
     from fastif.model.predict import predict_logits
 
     model = tiny_nli_model(tokenizer, 3)
@@ -182,15 +175,15 @@ def test_cls_only_top_and_the_disk_cache(tokenizer, tmp_path):
 
 def test_helpful_points_lower_the_anchor_loss_and_harmful_raise_it(factory):
     """The sign check: with heavy damping s_test ∝ the anchor gradient, so a small step must move the loss."""
-    from fastif.experiments.finetune import prepare
+    from fastif.applications.finetune.run import prepare
 
     lissa = replace(quick_config("correct").lissa, damping=50.0, scale=200.0, depth=30)
     config = replace(quick_config("correct"), candidates=40, selected=5, lr=1e-3, lissa=lissa)
-    setup = prepare(config, factory, lambda _message: None)
+    setup = prepare(config, factory, NLI_TASK, lambda _message: None)
     group = config.groups[0]
     anchors = setup.anchors[group].subset(range(4))
     neighbours = setup.index.search_mean(setup.anchor_features[group][:4], config.candidates)
-    from fastif.experiments.finetune import choose
+    from fastif.applications.finetune.run import choose
 
     changes = {}
     for mode in ("helpful", "harmful"):

@@ -13,13 +13,13 @@ import torch
 from conftest import tiny_bert, token_batch
 
 from fastif import AdapterConfig, HFClassifierAdapter, Identity, Influence, TensorData
+from fastif.applications.influence_graph import compute_run
+from fastif.cli.applications import add_report_command
 from fastif.errors import DataError
 from fastif.report import TestPoint, TrainPoint
 from fastif.report.from_run import (
     RUN_FILE,
     InfluenceRun,
-    add_report_command,
-    compute_run,
     graph_from_pipeline_report,
     report_run,
     run_statistics,
@@ -167,11 +167,11 @@ def test_report_command_on_own_parser(tiny_run, tmp_path: Path, capsys) -> None:
 
 def test_graph_command_registration() -> None:
     """``experiment influence-graph`` registers beside other experiments and parses its sizes."""
-    from fastif.report.nli_graph import add_graph_command
+    from fastif.cli.applications import add_experiment_commands
 
     parser = argparse.ArgumentParser(prog="fastif")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_graph_command(commands)
+    add_experiment_commands(commands)
     add_report_command(commands)
     args = parser.parse_args(["experiment", "influence-graph", "--quick", "--per-group", "2", "--select", "any"])
     assert (args.quick, args.per_group, args.select, args.candidates) == (True, 2, "any", None)
@@ -183,7 +183,7 @@ def test_graph_command_registration() -> None:
 def test_screenshot_of_a_run_report(tiny_run, tmp_path: Path) -> None:
     """The explorer of a run's report opens in headless Chromium, takes a click and gives a PNG screenshot."""
     pytest.importorskip("playwright")
-    from fastif.report.nli_graph import screenshot_explorer
+    from fastif.report.screenshot import screenshot_explorer
 
     run, _ = tiny_run
     write_run(run, tmp_path)

@@ -314,7 +314,10 @@ def interrupt_at_write(number: int, moment: str):
         real(path, write_then_stop if moment == "during" else write)
         stop()
 
-    with mock.patch("fastif.store.atomic_write", atomic_write), mock.patch("fastif.files.atomic_write", atomic_write):
+    with (
+        mock.patch("fastif.store.store.atomic_write", atomic_write),
+        mock.patch("fastif.files.atomic_write", atomic_write),
+    ):
         yield
 
 

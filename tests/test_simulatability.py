@@ -13,18 +13,18 @@ import torch
 from conftest import tiny_bert, token_batch
 
 from fastif import AdapterConfig, HFClassifierAdapter, TensorData
-from fastif.errors import ConfigError
-from fastif.simulatability import (
+from fastif.applications.simulatability import (
     KINDS,
     SimulatabilityConfig,
-    add_simulatability_command,
-    config_from_args,
     format_headline,
     line_losses,
     random_explanations,
     run_simulatability,
     write_simulatability,
 )
+from fastif.cli.applications import add_experiment_commands
+from fastif.cli.applications import simulatability_config_from_args as config_from_args
+from fastif.errors import ConfigError
 
 TOP = ("bert.encoder.layer.1", "bert.pooler", "classifier")
 
@@ -123,19 +123,16 @@ def test_config_refuses_bad_values(bad: dict) -> None:
 
 
 def test_cli_registration_on_own_parser() -> None:
-    """``experiment simulatability`` registers on a fresh parser and on one whose ``experiment`` group exists."""
+    """``experiment simulatability`` registers on a fresh parser, beside the other experiments of its group."""
     parser = argparse.ArgumentParser(prog="fastif")
-    add_simulatability_command(parser.add_subparsers(dest="command", required=True))
+    add_experiment_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["experiment", "simulatability", "--quick", "--candidates", "50", "--output", "x"])
     assert args.handler.__name__ == "_simulatability_command" and args.output == Path("x")
     config = config_from_args(args)
     assert config == SimulatabilityConfig.quick(candidates=50)
 
     other = argparse.ArgumentParser(prog="fastif")
-    commands = other.add_subparsers(dest="command", required=True)
-    experiment = commands.add_parser("experiment")
-    experiment.add_subparsers(dest="experiment", required=True).add_parser("correct")
-    add_simulatability_command(commands)
+    add_experiment_commands(other.add_subparsers(dest="command", required=True))
     args = other.parse_args(["experiment", "simulatability", "--n-test", "4", "--solver", "identity"])
     assert config_from_args(args) == SimulatabilityConfig(n_correct=4, n_wrong=4, solver="identity")
     assert other.parse_args(["experiment", "correct"]).experiment == "correct"

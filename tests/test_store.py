@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastif.files
-import fastif.store as store_module
+import fastif.store.store as store_module
 from fastif.errors import ConfigError, DataError, StoreError
 from fastif.store import (
     LOCK_FILE,

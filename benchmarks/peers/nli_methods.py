@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fastif import CG, Influence, LiSSA, ScoreConfig, TorchAdapter
-from fastif.experiments.head import HiddenStateData, TopLayers, encode_hidden, top_layers_adapter
+from fastif.applications.finetune.head import HiddenStateData, TopLayers, encode_hidden, top_layers_adapter
 from fastif.model.adapter import additive_attention_mask
 from fastif.model.predict import model_inputs
 from fastif.scores import score_matrix

@@ -77,3 +77,16 @@ def check_writable(folder: str | os.PathLike[str], what: str = "--output", fix: 
             f"or make {existing} writable"
         ) from err
     return target
+
+
+def cache_root() -> Path:
+    """The one cache root: ``$FASTIF_CACHE``, else ``$XDG_CACHE_HOME/fastif``, else ``~/.cache/fastif``."""
+    root = os.environ.get("FASTIF_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastif"
+
+
+def cache_dir(kind: str = "models") -> Path:
+    """The cache subfolder of one kind of artefact (``models``, ``experiments``, ...) under :func:`cache_root`."""
+    return cache_root() / kind

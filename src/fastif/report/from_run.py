@@ -1,16 +1,17 @@
-"""Influence graphs of finished runs: score test groups against their kNN candidates, store the run, report it.
+"""Influence graphs of finished runs: read a stored run (or a graph, or a pipeline report), take its statistics,
+and report it.
 
 A *run* is the full candidate score matrix of many test points (each with a group, e.g. a HANS heuristic) against
-their kNN training candidates, with the texts and labels the explorer shows. It is saved as ``influence_run.json``
-in a run folder; :func:`report_run` turns any run folder (or a folder holding a ``graph.json``) into the static
-PNG/SVG, the HTML explorer and ``graph_stats.json``. Statistics are taken twice: over **all** candidate edges
-(FastIF's helpful/harmful shares and cross-group correlations) and over the displayed top edges (whose sign shares
-are balanced by construction, since each test point keeps its ``top`` helpful and ``top`` harmful edges).
+their kNN training candidates, with the texts and labels the explorer shows. :mod:`fastif.applications.
+influence_graph` computes it and saves it as ``influence_run.json`` in a run folder; :func:`report_run` turns any
+run folder (or a folder holding a ``graph.json``) into the static PNG/SVG, the HTML explorer and
+``graph_stats.json``. Statistics are taken twice: over **all** candidate edges (FastIF's helpful/harmful shares and
+cross-group correlations) and over the displayed top edges (whose sign shares are balanced by construction, since
+each test point keeps its ``top`` helpful and ``top`` harmful edges).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -25,11 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from ..app_utils import cached_candidate_index, candidate_scores, dataset_labels, example_text, predict
-from ..data import Dataset
 from ..errors import DataError
 from ..files import atomic_write_json, check_writable
-from ..influence import Influence
 from . import write_report
 from .graph import Edge, InfluenceGraph, TestPoint, TrainPoint
 from .stats import MIN_SHARED, graph_statistics, json_safe
@@ -112,63 +110,6 @@ class InfluenceRun:
         except (OSError, json.JSONDecodeError) as error:
             raise DataError(f"cannot read influence run {path}: {error}") from error
         return cls.from_dict(data)
-
-
-# ---------------------------------------------------------------------------------------------- computing a run
-
-
-def label_name(data: Dataset, label: int) -> str:
-    """The name of class ``label`` from the dataset's ``label_names`` when it has them, else the number."""
-    names = getattr(data, "label_names", None)
-    return names[label] if names is not None and 0 <= label < len(names) else str(label)
-
-
-def group_test_points(influence: Influence, group: str, data: Dataset) -> list[TestPoint]:
-    """Test points of one group with texts, gold labels and the model's predicted labels."""
-    gold = dataset_labels(data).tolist()
-    predicted = predict(influence.adapter.model, data).argmax(-1).tolist()
-    return [
-        TestPoint(f"{group}:{i}", group, example_text(data, i), label_name(data, g), label_name(data, p))
-        for i, (g, p) in enumerate(zip(gold, predicted, strict=True))
-    ]
-
-
-def compute_run(
-    influence: Influence,
-    groups: Mapping[str, Dataset],
-    k: int,
-    index_cache: str | os.PathLike[str] | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> InfluenceRun:
-    """Score every group's test points against their ``k`` kNN candidates and collect them into one run.
-
-    ``influence.train`` must carry the texts and labels shown for training points (e.g. a TextPairData).
-    """
-    if not groups:
-        raise DataError("give at least one group of test points")
-    influence.build_index(cached_candidate_index(influence.adapter, influence.train, index_cache))
-    tests: list[TestPoint] = []
-    candidates, scores, solves = [], [], {}
-    for group, data in groups.items():
-        tests += group_test_points(influence, group, data)
-        group_candidates, group_scores = candidate_scores(influence, data, k)
-        candidates.append(group_candidates)
-        scores.append(group_scores)
-        solves[group] = {key: value for key, value in influence.last_solve.items() if not hasattr(value, "shape")}
-    info = {**dict(meta or {}), "solves": json_safe(solves)}
-    return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), info)
-
-
-def _collect(
-    train: Dataset, tests: list[TestPoint], candidates: np.ndarray, scores: np.ndarray, meta: dict[str, Any]
-) -> InfluenceRun:
-    """Keep only the training points that some test point has as a candidate, re-indexing the candidates."""
-    used = np.unique(candidates)
-    labels = dataset_labels(train)
-    trains = tuple(
-        TrainPoint(f"train:{int(i)}", example_text(train, int(i)), label_name(train, int(labels[i]))) for i in used
-    )
-    return InfluenceRun(tuple(tests), trains, np.searchsorted(used, candidates), scores, meta)
 
 
 def write_run(run: InfluenceRun, run_dir: str | os.PathLike[str]) -> Path:
@@ -325,31 +266,3 @@ def summary_lines(stats: Mapping[str, Any]) -> list[str]:
         shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.2f}"
         lines.append(f"  pearson {item['groups'][0]} ~ {item['groups'][1]}: {shown} (n_shared={item['n_shared']})")
     return lines
-
-
-def add_report_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``report RUN_DIR``: the figure, explorer and statistics of a finished run folder."""
-    parser = subparsers.add_parser(
-        "report",
-        help="write the influence-graph figure (PNG/SVG), HTML explorer and graph_stats.json of a finished run",
-        description=f"Reads RUN_DIR/{RUN_FILE} (or RUN_DIR/{GRAPH_FILE}) and writes influence_graph.png/.svg, "
-        f"influence_explorer.html, {GRAPH_FILE} and {STATS_FILE}.",
-    )
-    parser.add_argument("run_dir", type=Path, help="folder of a finished run")
-    parser.add_argument("--output", type=Path, default=None, help="where to write the report (default RUN_DIR/report)")
-    parser.add_argument("--top", type=int, default=5, help="helpful and harmful edges drawn per test point")
-    parser.add_argument("--title", default="FastIF influence explorer", help="title of the HTML page")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.set_defaults(handler=_report_command)
-    return parser
-
-
-def _report_command(args: argparse.Namespace) -> int:
-    """CLI handler: write the report and print where it went with the headline statistics."""
-    if args.top < 1:
-        raise DataError(f"--top must be at least 1 (edges drawn per test point and sign), got {args.top}")
-    paths = report_run(args.run_dir, args.output, args.top, args.title)
-    print("\n".join(summary_lines(json.loads(paths["stats"].read_text(encoding="utf-8")))))
-    for name in ("png", "svg", "html", "stats"):
-        print(f"wrote {paths[name]}")
-    return 0

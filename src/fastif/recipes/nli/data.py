@@ -32,6 +32,12 @@ EMBEDDED_FILES: dict[str, str] = {
     "anli_r3": "anli/anli_r3_dev.jsonl.gz",
 }
 
+HANS_HEURISTICS: tuple[str, ...] = ("lexical_overlap", "subsequence", "constituent")
+"""The three HANS heuristics (the groups of the HANS evaluation set)."""
+
+ANLI_ROUNDS: tuple[str, ...] = ("r1", "r2", "r3")
+"""The three ANLI rounds (one bundled dev set each)."""
+
 MNLI_SPLIT_SIZES: dict[str, int] = {"train": 8000, "validation": 815, "test": 1000}
 """Sizes of the fixed split of MNLI dev-matched (9,815 pairs) used as train / validation / test."""
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ...config import config_from_dict, config_to_dict, save_config
 from ...data.text import TextPairData, TextRecord, records_fingerprint
 from ...errors import ConfigError, ModelError, StoreError
-from ...files import atomic_write_json, check_writable
+from ...files import atomic_write_json, cache_dir, check_writable
 from ...model.hf import freeze_lower_layers, l2_penalty, load_classifier, load_tokenizer, quiet_transformers
 from ...model.predict import evaluate_classifier, model_inputs
 from .data import load_embedded, nli_label_scheme
@@ -180,12 +180,8 @@ class TrainedModel:
 
 
 def default_cache_dir() -> Path:
-    """Where trained models are cached: ``$FASTIF_CACHE/models``, else ``$XDG_CACHE_HOME/fastif/models``
-    (``~/.cache/fastif/models``)."""
-    root = os.environ.get("FASTIF_CACHE")
-    if root:
-        return Path(root).expanduser() / "models"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastif" / "models"
+    """Where trained models are cached: ``models/`` under the cache root (``$FASTIF_CACHE``, ``~/.cache/fastif``)."""
+    return cache_dir("models")
 
 
 def _base_model_fingerprint(base_model: str) -> str:

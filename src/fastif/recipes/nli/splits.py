@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ...applications.finetune.config import SplitConfig
 from ...data.text import TextRecord
 from ...errors import DataError
-from ...experiments.config import ANLI_ROUNDS, HANS_HEURISTICS, SplitConfig
-from .data import load_embedded, seeded_split
+from .data import ANLI_ROUNDS, HANS_HEURISTICS, load_embedded, seeded_split
 
 
 @dataclass(frozen=True)

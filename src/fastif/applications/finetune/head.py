@@ -22,14 +22,14 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..data import Batch
-from ..data.text import TextPairData, records_fingerprint
-from ..errors import DataError, ModelError
-from ..files import atomic_write
-from ..model.adapter import AdapterConfig, TorchAdapter, additive_attention_mask
-from ..model.hf import encoder_layers
-from ..model.predict import model_inputs
-from ..recipes.nli.model import default_cache_dir
+from ...data import Batch
+from ...data.text import TextPairData, records_fingerprint
+from ...errors import DataError, ModelError
+from ...files import atomic_write
+from ...files import cache_dir as default_cache_dir
+from ...model.adapter import AdapterConfig, TorchAdapter, additive_attention_mask
+from ...model.hf import encoder_layers
+from ...model.predict import model_inputs
 
 
 class TopLayers(nn.Module):

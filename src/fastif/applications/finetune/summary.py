@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write, atomic_write_json, atomic_write_text
+from ...files import atomic_write, atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
@@ -165,7 +165,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
 
 def write_results(results: dict[str, Any], config: Any, folder: str | Path, command: str | None = None) -> Path:
     """Write results.json (with its summary), config.json, table.md and plot.png into ``folder``."""
-    from ..config import save_config
+    from ...config import save_config
 
     folder = Path(folder)
     atomic_write_json(folder / RESULTS_FILE, {**results, "summary": summarise(results)})

@@ -38,8 +38,8 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from .errors import ConfigError, DataError, StoreError
-from .files import atomic_write, atomic_write_json
+from ..errors import ConfigError, DataError, StoreError
+from ..files import atomic_write, atomic_write_json
 
 FORMAT = "fastif-store"
 FORMAT_VERSION = 1

@@ -7,38 +7,36 @@ times: draw anchors of the group; take the ``candidates`` pool points nearest to
 
 Design choices (see docs/experiments.md): the kNN index and the anchor queries use the *original* model's
 features (one index per run, as FastIF built one per model); s_test is recomputed at the current parameters every
-step; the inputs of the trainable top layers are cached once (:mod:`fastif.experiments.head`), which is exact
-because everything below them is frozen.
+step; the inputs of the trainable top layers are cached once (:mod:`fastif.applications.finetune.head`), which is
+exact because everything below them is frozen. The records (pool, anchors, test points, the model's training data)
+come from a :class:`FinetuneTask` that a recipe provides (the NLI recipe's HANS / ANLI tasks).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from ..candidates import CandidateConfig, CandidateIndex, compute_features
-from ..config import config_to_dict
-from ..data.text import TextPairData, TextRecord
-from ..errors import DataError, SolverError
-from ..hvp import Hessian
-from ..influence import Influence, top_k_from_scores
-from ..model.adapter import TorchAdapter
-from ..recipes.nli.data import nli_label_scheme
-from ..recipes.nli.model import NLITrainConfig, train_nli_classifier
-from ..recipes.nli.splits import TaskSplit, embedded_records, hans_pool, task_split
-from ..scores import ScoreConfig, score_matrix
-from ..solvers import LiSSA, LiSSAConfig
-from .config import ExperimentConfig
+from ...candidates import CandidateConfig, CandidateIndex, compute_features
+from ...config import config_to_dict
+from ...data.text import TextPairData, TextRecord
+from ...errors import DataError, SolverError
+from ...hvp import Hessian
+from ...influence import Influence, top_k_from_scores
+from ...model.adapter import TorchAdapter
+from ...scores import ScoreConfig, score_matrix
+from ...solvers import LiSSA, LiSSAConfig
+from ...telemetry import environment
+from .config import FinetuneConfig
 from .head import HiddenStateData, TopLayers, cached_encode, model_fingerprint, top_layers_adapter
 
 ModelFactory = Callable[[int], tuple[nn.Module, Any, dict[str, Any]]]
@@ -47,18 +45,47 @@ ModelFactory = Callable[[int], tuple[nn.Module, Any, dict[str, Any]]]
 Progress = Callable[[str], None]
 
 
-def trained_nli_model(num_labels: int) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The embedded MNLI classifier (2-class for HANS, 3-class for ANLI), trained once and cached."""
-    trained = train_nli_classifier(NLITrainConfig(num_labels=num_labels), progress=False)
-    info = {"path": str(trained.path), "train_config": config_to_dict(trained.config), "metrics": trained.metrics}
-    return trained.model, trained.tokenizer, info
+class TaskRecords(Protocol):
+    """The records of a task's evaluation data: per-group anchor and test parts, and an augmentation pool."""
+
+    anchors: Mapping[str, list[TextRecord]]
+    test: Mapping[str, list[TextRecord]]
+    pool: list[TextRecord]
+
+    def sizes(self) -> dict[str, Any]:
+        """The size of every part, for the results file."""
+        ...
+
+
+class FinetuneTask(Protocol):
+    """Where a correct / augment run's records and label scheme come from (a recipe provides it)."""
+
+    def num_labels(self, config: Any) -> int:
+        """The number of classes of the task's model."""
+        ...
+
+    def label_names(self, config: Any) -> tuple[str, ...]:
+        """The class names, in label-id order."""
+        ...
+
+    def split(self, config: Any) -> TaskRecords:
+        """The anchor / test (/ pool) parts of every group of ``config``."""
+        ...
+
+    def training_records(self, config: Any) -> Sequence[TextRecord]:
+        """The model's own training data (its first ``hessian_size`` points define the Hessian)."""
+        ...
+
+    def pool_records(self, config: Any, split: TaskRecords) -> list[TextRecord]:
+        """The candidate pool: the model's training data (correct) or unseen points (augment)."""
+        ...
 
 
 @dataclass
 class Setup:
     """Everything the runs share, built once: the model's top, cached data, the kNN index, the fixed LiSSA scale."""
 
-    config: ExperimentConfig
+    config: FinetuneConfig
     top: TopLayers
     adapter: TorchAdapter
     original: Tensor
@@ -77,19 +104,10 @@ class Setup:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _pool_records(config: ExperimentConfig, split: TaskSplit) -> list[TextRecord]:
-    """The candidate pool: MNLI train (correct), HANS train (augment, HANS) or the ANLI pool part (augment, ANLI)."""
-    if config.experiment == "correct":
-        records = list(embedded_records("mnli_train", config.num_labels))
-        return records[: config.pool_size] if config.pool_size else records
-    if config.task == "hans":
-        return hans_pool(config.pool_size, config.split.seed)
-    return split.pool[: config.pool_size] if config.pool_size else split.pool
-
-
-def _encoder(model: nn.Module, tokenizer: Any, config: ExperimentConfig, top: TopLayers, cache_dir: Any):
+def _encoder(
+    model: nn.Module, tokenizer: Any, config: FinetuneConfig, names: tuple[str, ...], top: TopLayers, cache_dir: Any
+):
     """A function that tokenises records and caches the inputs of the trainable top (on disk if ``cache_dir``)."""
-    names, _ = nli_label_scheme(config.num_labels)
     key = model_fingerprint(model) if cache_dir is not None else ""
 
     def encode(records: Sequence[TextRecord]) -> HiddenStateData:
@@ -107,25 +125,27 @@ def _fixed_scale(adapter: TorchAdapter, hessian_data: HiddenStateData, lissa: Li
     return replace(lissa, scale=float(solver.scale))
 
 
-def prepare(config: ExperimentConfig, factory: ModelFactory, progress: Progress, cache_dir: Any = None) -> Setup:
+def prepare(
+    config: FinetuneConfig, factory: ModelFactory, task: FinetuneTask, progress: Progress, cache_dir: Any = None
+) -> Setup:
     """Load the model and data, split them, cache the top's inputs, build the kNN index, fix LiSSA's scale."""
     start = time.perf_counter()
-    model, tokenizer, model_info = factory(config.num_labels)
+    model, tokenizer, model_info = factory(task.num_labels(config))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     top = TopLayers(model, config.trainable_layers)
     adapter = top_layers_adapter(top, config.l2)
-    encode = _encoder(model, tokenizer, config, top, cache_dir)
-    split = task_split(config.task, config.split, config.groups)
-    mnli = embedded_records("mnli_train", config.num_labels)
-    pool_records = _pool_records(config, split)
+    encode = _encoder(model, tokenizer, config, task.label_names(config), top, cache_dir)
+    split = task.split(config)
+    training = task.training_records(config)
+    pool_records = task.pool_records(config, split)
     progress(f"encoding (pool {len(pool_records)}, Hessian {config.hessian_size}, test {split.sizes()['test']})")
     if config.experiment == "correct":  # the pool is the model's training data: encode it once
-        mnli_data = encode(mnli[: max(config.hessian_size, len(pool_records))])
-        hessian_data, pool = mnli_data.subset(range(config.hessian_size)), mnli_data.subset(range(len(pool_records)))
+        encoded = encode(training[: max(config.hessian_size, len(pool_records))])
+        hessian_data, pool = encoded.subset(range(config.hessian_size)), encoded.subset(range(len(pool_records)))
     else:
-        hessian_data, pool = encode(mnli[: config.hessian_size]), encode(pool_records)
+        hessian_data, pool = encode(training[: config.hessian_size]), encode(pool_records)
     anchors = {group: encode(split.anchors[group]) for group in config.groups}
     test = {group: collate(encode(split.test[group])) for group in config.groups}
     progress("building the kNN index over the pool's features; fixing LiSSA's scale")
@@ -297,33 +317,22 @@ def run_one(setup: Setup, group: str, mode: str, seed: int) -> dict[str, Any]:
     return {"group": group, "mode": mode, "seed": seed, "steps": steps}
 
 
-def environment() -> dict[str, Any]:
-    """Where and under what load the experiment ran (CPU count, torch threads, load average, versions)."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def run_experiment(
-    config: ExperimentConfig,
-    factory: ModelFactory | None = None,
+    config: FinetuneConfig,
+    factory: ModelFactory,
+    task: FinetuneTask,
     progress: Progress | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run every (group, mode, seed) of ``config``; return the results (config, original and per-step metrics).
 
-    ``factory`` gives the model (default: the embedded MNLI classifier); ``cache_dir`` keeps the encodings of
-    the frozen bottom on disk between runs (None: recompute them).
+    ``factory`` gives the model and ``task`` its records; ``cache_dir`` keeps the encodings of the frozen bottom on
+    disk between runs (None: recompute them).
     """
     say = progress or (lambda _message: None)
     start, cpu_start = time.perf_counter(), time.process_time()
     env_start = environment()
-    setup = prepare(config, factory or trained_nli_model, say, cache_dir)
+    setup = prepare(config, factory, task, say, cache_dir)
     original = evaluate_all(setup)
     runs = []
     for seed in config.seeds:

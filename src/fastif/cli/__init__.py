@@ -1,0 +1,88 @@
+"""The ``fastif`` command line. User errors print one line naming the problem and the fix, and exit with code 2;
+``--debug`` shows the traceback instead. Ctrl-C and SIGTERM stop a run cleanly (workers closed, store locks released,
+no temporary files left, finished work kept), print one line and exit with 128 + the signal number (130, 143).
+
+Every pipeline option is a field of :class:`~fastif.pipeline.PipelineConfig`: ``--config FILE`` (TOML, YAML or
+JSON) sets any of them, and options given on the command line override the file. The commands live in
+:mod:`.pipeline` (demo, influence, index, train, bench, example) and :mod:`.applications` (experiment, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import FastIFError
+from .applications import add_experiment_commands, add_report_command
+from .options import EXIT_USAGE, _Parser
+from .pipeline import add_pipeline_commands
+
+EXIT_INTERRUPTED = 128  # plus the signal number, as shells report a process killed by it: 130 SIGINT, 143 SIGTERM
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = _Parser(
+        prog="fastif",
+        description="Fast influence functions: which training examples made my model "
+        "predict this? Scores: positive = helpful.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_pipeline_commands(commands)
+    add_experiment_commands(commands)
+    add_report_command(commands)
+    return parser
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM) raised as a KeyboardInterrupt, so the run unwinds exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    """Signal handler: restore the default action, so a second SIGTERM kills at once, and unwind the run."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop a run as Ctrl-C does: runners stop their workers, stores release their locks and half-written
+    files are removed, while finished store entries stay for the rerun to load."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+
+
+def run_command(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a command the CLI's way: a FastIFError prints one line and gives 2 (``debug`` re-raises it); Ctrl-C or
+    SIGTERM print one line and give 128 + the signal number."""
+    try:
+        return command()
+    except FastIFError as error:
+        if debug:
+            raise
+        print(f"fastif: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(
+            f"fastif: interrupted by {signal.Signals(signum).name}; finished work is kept, run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED + signum
+
+
+def run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.handler(args), args.debug)
+
+
+def main() -> None:
+    """Console entry point; SIGTERM stops the run as Ctrl-C does."""
+    stop_on_sigterm()
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,222 @@
+"""The pipeline's commands: ``demo``, ``influence``, ``index``, ``train``, ``bench`` and ``example``."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..files import check_writable
+from .options import (
+    CANDIDATES,
+    DATA,
+    GLOBAL,
+    INDEX,
+    MODEL,
+    OUTPUT,
+    PARAMETERS,
+    SCORING,
+    SOLVER,
+    TRAIN,
+    _add_options,
+    _pipeline_config,
+    _positive,
+)
+
+DEMO_FOLDER = "fastif-results/demo"
+
+
+def _example(args: argparse.Namespace) -> int:
+    from ..config import save_config
+    from ..files import atomic_write_json
+    from ..recipes.tabular import TabularConfig, format_tabular, run_tabular
+
+    config = TabularConfig(dataset=args.dataset, solver=args.solver, k=args.k, seed=args.seed)
+    if args.output is not None:
+        check_writable(args.output)
+    report = run_tabular(config)
+    print(format_tabular(report))
+    if args.output is not None:
+        atomic_write_json(args.output / "tabular_influence.json", report)
+        save_config(config, args.output / "tabular_config.json")
+        print(f"\nwrote {args.output / 'tabular_influence.json'}")
+    return 0
+
+
+def _describe_model(info: dict[str, Any], labels: Sequence[str]) -> str:
+    """One line about the model: where it comes from, whether it was cached, its validation accuracy."""
+    metrics = info.get("metrics") or {}
+    line = f"model: {info['source']} ({len(labels)} labels: {', '.join(labels)})"
+    if "from_cache" in info:
+        line += ", cached" if info["from_cache"] else f", trained in {metrics.get('train_seconds', 0):.0f} s"
+        line += f" at {info['path']}"
+    if "validation_accuracy" in metrics:
+        line += f"; validation accuracy {metrics['validation_accuracy']:.3f}"
+    return line
+
+
+def _describe_s_test(s_test: dict[str, Any]) -> str:
+    """How s_test was solved, with LiSSA's scale and convergence diagnostics, and the solver's warnings."""
+    line = f"s_test: {s_test['method']}"
+    if s_test["method"] == "lissa":
+        line += f", {s_test['repeats']} chain(s) on {s_test['workers']} worker(s), scale {s_test['scale']:.3g}"
+        if s_test.get("top_eigenvalue") is not None:
+            line += f" (top batch-Hessian eigenvalue ≈ {s_test['top_eigenvalue']:.3g})"
+        growth = s_test.get("late_growth")
+        if growth:
+            line += f"; ‖h‖ grew {max(growth):+.1%} from the third to the last quarter of the chains"
+        line += "; settled" if s_test.get("converged") else "; not settled: raise --depth (or --damping)"
+        line += " (norm traces in influence.json)"
+    return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
+
+
+def _check_outputs(config: Any, index: bool) -> None:
+    """Refuse an unwritable results folder (and index folder, when the index is used) before any model or index work."""
+    check_writable(config.output.folder)
+    if index:
+        check_writable(config.output.index_path, "--index-dir")
+
+
+def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
+    """Shared body of ``demo`` and ``influence``: load, index, explain, print, write."""
+    from ..pipeline import Pipeline, format_timings, print_report, write_results
+
+    start = time.perf_counter()
+    config = _pipeline_config(args, defaults)
+    _check_outputs(config, index=config.candidates.count is not None)
+    if intro:
+        print(intro)
+    pipeline = Pipeline(config)
+    print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+    for line in pipeline.prepare():  # the one-off stages, reported before the slow part
+        print(line, flush=True)
+    report = pipeline.explain()
+    print()
+    print_report(report)
+    paths = write_results(report, config, config.output.folder)
+    print(_describe_s_test(report["s_test"]))
+    print(f"times: {format_timings(pipeline.timings)}; total {time.perf_counter() - start:.1f} s")
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    intro = (
+        "fastif demo: which training pairs made MiniLM predict this? For a few correctly and a few wrongly "
+        "predicted MNLI test pairs, FastIF scores the k nearest training pairs (FAISS) with a fast LiSSA s_test.\n"
+        "score > 0 = helpful (removing the pair is predicted to raise the test loss), < 0 = harmful."
+    )
+    return _explain(args, {"output.folder": DEMO_FOLDER}, intro)
+
+
+def _influence(args: argparse.Namespace) -> int:
+    return _explain(args)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from ..config import save_config
+    from ..pipeline import Pipeline
+    from ..pipeline.output import describe_index
+
+    config = _pipeline_config(args)
+    _check_outputs(config, index=True)
+    pipeline = Pipeline(config)
+    print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+    pipeline.index  # noqa: B018 - builds or loads the index
+    print(describe_index(pipeline.index_info) + f" in {pipeline.timings['index']:.1f} s")
+    path = save_config(config, Path(config.output.folder) / "pipeline_config.json")
+    print(f"wrote {path}")
+    return 0
+
+
+def _check_copy_target(target: Path) -> None:
+    """Refuse a ``train --output`` folder that cannot be written or is not empty, before training starts."""
+    check_writable(target)
+    if target.is_dir() and any(target.iterdir()):
+        raise ConfigError(f"{target} exists and is not empty; choose another --output or remove it")
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """Copy a trained model folder to ``target`` through a temporary sibling, so ``target`` is never half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..recipes.nli import train_nli_classifier
+
+    config = _pipeline_config(args)
+    if args.output is not None:
+        _check_copy_target(args.output)
+    trained = train_nli_classifier(config.model.recipe, progress=config.output.progress)
+    labels = [trained.model.config.id2label[i] for i in range(trained.model.config.num_labels)]
+    info = {"source": "embedded recipe", "path": str(trained.path), "from_cache": trained.from_cache}
+    print(_describe_model({**info, "metrics": trained.metrics}, labels))
+    print(f"validation loss {trained.metrics['validation_loss']:.3f} on {trained.metrics['num_validation']} pairs")
+    if args.output is not None:
+        _copy_model(trained.path, args.output)
+        print(f"wrote {args.output} (use it with --model {args.output})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..files import atomic_write_json
+    from ..pipeline.bench import format_bench, run_bench
+
+    config = _pipeline_config(args)
+    if args.output is not None:
+        check_writable(args.output)
+    results = run_bench(config, examples=args.examples, steps=args.steps)
+    print(format_bench(results))
+    if args.output is not None:
+        print(f"wrote {atomic_write_json(args.output / 'bench.json', results)}")
+    return 0
+
+
+def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the pipeline's commands on the main parser's subcommands."""
+    demo = commands.add_parser("demo", help="explain a few NLI predictions by their training pairs (offline)")
+    _add_options(demo, MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL)
+    demo.set_defaults(handler=_demo)
+
+    influence = commands.add_parser("influence", help="top helpful and harmful training examples of test examples")
+    _add_options(influence, MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL)
+    influence.set_defaults(handler=_influence)
+
+    index = commands.add_parser("index", help="build (or check) the kNN index of a model's training set")
+    _add_options(index, MODEL, DATA, INDEX, OUTPUT, GLOBAL)
+    index.set_defaults(handler=_index)
+
+    train = commands.add_parser("train", help="fine-tune the embedded MiniLM NLI classifier (cached)")
+    _add_options(train, TRAIN)
+    train.add_argument("--output", type=Path, default=None, help="also copy the trained model to this folder")
+    train.set_defaults(handler=_train)
+
+    bench = commands.add_parser("bench", help="time the main stages on the embedded MiniLM")
+    _add_options(bench, PARAMETERS, CANDIDATES, SOLVER, GLOBAL)
+    bench.add_argument("--examples", type=_positive, default=256, help="training pairs to time on")
+    bench.add_argument("--steps", type=_positive, default=20, help="LiSSA steps to time")
+    bench.add_argument("--output", type=Path, default=None, help="also write bench.json to this folder")
+    bench.set_defaults(handler=_bench)
+
+    example = commands.add_parser("example", help="influence on a scikit-learn dataset (logistic regression)")
+    example.add_argument("--dataset", default="breast_cancer", help="breast_cancer, digits, wine or iris")
+    example.add_argument("--solver", default="cg", help="exact, cg, lissa, arnoldi or identity")
+    example.add_argument("--k", type=int, default=5, help="helpful and harmful points to show per test point")
+    example.add_argument("--output", type=Path, default=None, help="results folder (written atomically)")
+    example.add_argument("--seed", type=int, default=0, help="random seed")
+    example.add_argument("--debug", action="store_true", help="show tracebacks")
+    example.set_defaults(handler=_example)
