@@ -10,7 +10,7 @@ import transformers
 
 from fastif import CG, AdapterConfig, Exact, HFClassifierAdapter, Influence
 from fastif.errors import ModelError
-from fastif.frozen import Split, encode_prefix, find_split
+from fastif.model.frozen import Split, encode_prefix, find_split
 from fastif.scores import ScoreConfig
 
 VOCAB, HIDDEN, LAYERS, LABELS = 40, 8, 3, 3

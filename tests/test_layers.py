@@ -16,18 +16,21 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "fastif"
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "config", "files", "fingerprint", "telemetry"),  # 0 shared plumbing
-    ("data", "report", "evaluation"),  # 1 data; drawing and metrics read results only
-    ("model",),  # 2 model adapters
-    ("grads", "hvp"),  # 3 derivatives
-    ("solvers", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
-    ("store", "runner"),  # 5 storage, parallel runs
+    ("data", "report", "evaluation", "recall"),  # 1 data; drawing and metrics read results only
+    ("model",),  # 2 model adapters (and the frozen-bottom path)
+    ("grads", "hvp", "projection"),  # 3 derivatives, projected gradients
+    ("solvers", "kfac", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
+    ("store", "runner", "gradient_store"),  # 5 storage, parallel runs, the gradient store
     ("influence", "__init__"),  # 6 the facade and the public API
     ("pipeline", "applications"),  # 7 end to end, applications
     ("recipes",),  # 8 domains (NLI/MiniLM, tabular)
     ("cli",),  # 9 the command line
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-CORE = ("data", "model", "grads", "hvp", "solvers", "candidates", "scores", "store", "runner", "influence")
+CORE = (
+    "data", "model", "grads", "hvp", "projection", "solvers", "kfac", "candidates", "scores", "store", "runner",
+    "gradient_store", "recall", "influence",
+)  # fmt: skip
 INFLUENCE = ("influence", "solvers", "scores", "grads", "hvp", "runner", "pipeline", "applications")
 
 

@@ -11,7 +11,7 @@ is predicted to raise that loss by ``scores[i, j] / n``. This is the negative of
 
 Every caller (pipeline, applications, benchmarks) goes through :meth:`Influence.candidate_scores`: the one
 candidates → s_test → scores path. With ``frozen="auto"`` (the default) the model's constant bottom is computed once
-per example (:mod:`fastif.frozen`) and every gradient, HVP and score runs on the top alone, with the same numbers.
+per example (:mod:`fastif.model.frozen`) and every gradient, HVP and score runs on the top alone, with the same numbers.
 """
 
 from __future__ import annotations
@@ -31,25 +31,24 @@ from torch import Tensor
 from .candidates import CandidateConfig, CandidateIndex, compute_features
 from .data import Dataset, as_dataset
 from .errors import DataError
-from .frozen import (
-    DEFAULT_BUDGET_BYTES,
-    Encoded,
-    FrozenAdapter,
-    FrozenMode,
-    cached_encoding,
-    encode_prefix,
-    find_split,
-    has_encoding,
-)
 from .gradient_store import GradientStore, GradientStoreConfig, build_store
 from .grads import dataset_grads, mean_loss_grad
 from .hvp import Hessian, HVPMethod
 from .model.adapter import ModelAdapter
+from .model.frozen import (
+    DEFAULT_BUDGET_BYTES,
+    Encoded,
+    FrozenAdapter,
+    FrozenMode,
+    encode_prefix,
+    find_split,
+)
 from .recall import RecallEstimate, estimate_recall
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
 from .store import Store
+from .store.artifacts import cached_encoding, has_encoding
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Influence:
     ``solver`` picks how ``H⁻¹`` is applied (default: :class:`~fastif.solvers.CG` without damping); it is fitted
     once, lazily, on the Hessian over all of ``train``. ``candidates`` configures the FAISS index over the
     adapter's features that ``candidate_scores(..., num_candidates=K)`` uses to score only the K nearest training
-    points. ``frozen`` picks the frozen-bottom path (:mod:`fastif.frozen`): ``"auto"`` takes it where a splitter
+    points. ``frozen`` picks the frozen-bottom path (:mod:`fastif.model.frozen`): ``"auto"`` takes it where a splitter
     knows the architecture and a layer below the selection exists, ``"on"`` insists (ModelError otherwise),
     ``"off"`` never; its activation cache moves to a memmap under ``cache_folder`` past ``cache_budget_bytes``.
     ``hessian_data`` (default: ``train``) is the set whose objective's Hessian is inverted, as captum's and

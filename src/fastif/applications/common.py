@@ -8,11 +8,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from ..data import Dataset, length_order
+from ..data import Dataset
 from ..data.views import Subset
 from ..errors import DataError
 from ..model.predict import dataset_labels, predict
-from ..scores import score_matrix
 from ..solvers import LiSSA, LiSSAConfig
 
 
@@ -53,31 +52,6 @@ def pick_points(
             f"only {len(wrong)} mispredicted points among {len(order)} scanned; raise scan or use select='any'"
         )
     return wrong[:count]
-
-
-def candidate_scores(influence: Any, data: Dataset, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each test point's k nearest training points and their influence scores: ``([n, k] ints, [n, k] floats)``.
-
-    One s_test solve for all test points; each point's candidates are scored in length-sorted batches (little
-    padding) and returned in nearest-first order. ``influence`` is a :class:`~fastif.influence.Influence`.
-    """
-    neighbours = influence.nearest(data, k)
-    s_test = influence.s_test(data)
-    rows = []
-    for i, row in enumerate(neighbours.tolist()):
-        order = [row[position] for position in length_order(influence.train, row)]
-        values = (
-            score_matrix(
-                influence.adapter, influence.flat, s_test[i : i + 1], influence.train, order, influence.score_config
-            )[0]
-            .detach()
-            .double()
-            .cpu()
-            .numpy()
-        )
-        lookup = dict(zip(order, values.tolist(), strict=True))
-        rows.append([lookup[j] for j in row])
-    return neighbours.numpy().astype(np.int64), np.asarray(rows, dtype=np.float64)
 
 
 def lissa_solver(

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ..candidates import CandidateConfig
 from ..config import config_from_dict, config_to_dict
 from ..errors import ConfigError
-from ..frozen import FrozenMode
+from ..model.frozen import FrozenMode
 from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
 from .recipe import find_recipe
@@ -82,7 +82,7 @@ class ParameterConfig:
     encoder (pooler, classifier). The default 0 keeps the pooler and classifier (149k parameters on MiniLM), which
     fits the demo's time budget on 2 CPU cores; FastIF took BERT's top two layers too (``top_layers=2``).
     ``l2=None`` takes the recipe's L2 for a fastif-trained model and 0 otherwise. ``frozen`` picks the frozen-bottom
-    path (:mod:`fastif.frozen`): ``"auto"`` computes the layers below the selection once per example and runs
+    path (:mod:`fastif.model.frozen`): ``"auto"`` computes the layers below the selection once per example and runs
     every influence step on the top alone (same numbers), where the architecture has a splitter.
     """
 

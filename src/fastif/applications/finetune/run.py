@@ -31,9 +31,8 @@ from ...config import config_to_dict
 from ...data.text import TextPairData, TextRecord
 from ...errors import DataError, SolverError
 from ...hvp import Hessian
-from ...influence import Influence, top_k_from_scores
+from ...influence import Influence, TopK
 from ...model.adapter import TorchAdapter
-from ...scores import ScoreConfig, score_matrix
 from ...solvers import LiSSA, LiSSAConfig
 from ...telemetry import environment
 from .config import FinetuneConfig
@@ -220,34 +219,30 @@ DAMPING_RETRIES = 6
 """How often :func:`damped_s_test` doubles the damping after LiSSA diverges before giving up."""
 
 
-def damped_s_test(setup: Setup, anchors: HiddenStateData, lissa_seed: int) -> tuple[Influence, Tensor, dict]:
-    """s_test of the anchors' mean loss at the current parameters, doubling the damping while LiSSA diverges.
+def influence_top(setup: Setup, anchors: HiddenStateData, lissa_seed: int) -> tuple[TopK, dict[str, Any]]:
+    """FastIF's steps 2-3 at the current parameters, through the facade's one path: the anchors' mean-loss s_test
+    (Hessian over the training sample), its ``candidates`` nearest pool points (kNN on the anchors' mean feature),
+    their exact scores, and the top ``selected`` of each sign.
 
     As the model moves, the Hessian can become more indefinite than at the start (where the damping was chosen),
     so a diverging chain is retried with twice the damping (and the scale raised to match); the damping used is
     recorded with the step.
     """
     lissa = replace(setup.lissa, seed=lissa_seed)
+    count = min(setup.config.candidates, setup.index.n)
     for attempt in range(DAMPING_RETRIES + 1):
-        influence = Influence(setup.adapter, setup.hessian_data, solver=LiSSA(lissa))
+        influence = Influence(setup.adapter, setup.pool, LiSSA(lissa), hessian_data=setup.hessian_data)
+        influence.build_index(setup.index)
         try:
             with warnings.catch_warnings():  # an unsettled chain is recorded per step (converged), not printed
                 warnings.filterwarnings("ignore", "LiSSA has not settled", RuntimeWarning)
-                s_test = influence.s_test(anchors, group=True)
-            return influence, s_test, {**_solve_summary(influence.last_solve), "damping": lissa.damping}
+                scored = influence.candidate_scores(anchors, count, group=True)
+            return scored.top_k(setup.config.selected), {**_solve_summary(scored.solve.info), "damping": lissa.damping}
         except SolverError:
             if attempt == DAMPING_RETRIES:
                 raise
             lissa = replace(lissa, damping=2 * lissa.damping, scale=float(lissa.scale or 0.0) + 1.5 * lissa.damping)
     raise SolverError("unreachable: the last attempt returns or raises")
-
-
-def influence_top(setup: Setup, anchors: HiddenStateData, neighbours: np.ndarray, lissa_seed: int):
-    """FastIF's steps 2-3 at the current parameters: s_test of the anchors' mean loss, scores of the neighbours."""
-    influence, s_test, solve = damped_s_test(setup, anchors, lissa_seed)
-    ordered = sorted(neighbours.tolist(), key=lambda i: setup.pool.states[i].shape[0])  # less padding
-    scores = score_matrix(setup.adapter, influence.flat, s_test, setup.pool, ordered, ScoreConfig())
-    return top_k_from_scores(scores, setup.config.selected, ordered), solve
 
 
 def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.ndarray, seeds: tuple[int, int]):
@@ -259,7 +254,7 @@ def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.nda
         rng = np.random.default_rng(seeds)
         chosen = rng.choice(neighbours, size=config.selected, replace=False).tolist()
         return setup.pool.subset(chosen), chosen, None, {}
-    top, solve = influence_top(setup, anchors, neighbours, seeds[0] * 1_000 + seeds[1])
+    top, solve = influence_top(setup, anchors, seeds[0] * 1_000 + seeds[1])
     indices, scores = (top.helpful_indices, top.helpful_scores) if mode == "helpful" else (
         top.harmful_indices, top.harmful_scores
     )  # fmt: skip

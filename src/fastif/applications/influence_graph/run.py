@@ -19,7 +19,7 @@ from ...report.from_run import InfluenceRun
 from ...report.graph import TestPoint, TrainPoint
 from ...report.stats import json_safe
 from ...store.artifacts import cached_candidate_index
-from ..common import candidate_scores
+from ..common import solve_summary
 
 
 def label_name(data: Dataset, label: int) -> str:
@@ -51,15 +51,15 @@ def compute_run(
     """
     if not groups:
         raise DataError("give at least one group of test points")
-    influence.build_index(cached_candidate_index(influence.adapter, influence.train, index_cache))
+    influence.build_index(cached_candidate_index(lambda: influence.train_features, len(influence.train), index_cache))
     tests: list[TestPoint] = []
     candidates, scores, solves = [], [], {}
     for group, data in groups.items():
         tests += group_test_points(influence, group, data)
-        group_candidates, group_scores = candidate_scores(influence, data, k)
-        candidates.append(group_candidates)
-        scores.append(group_scores)
-        solves[group] = {key: value for key, value in influence.last_solve.items() if not hasattr(value, "shape")}
+        scored = influence.candidate_scores(data, k)
+        candidates.append(scored.indices.numpy().astype(np.int64))
+        scores.append(scored.scores.detach().double().cpu().numpy())
+        solves[group] = solve_summary(scored.solve.info)
     info = {**dict(meta or {}), "solves": json_safe(solves)}
     return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), info)
 

@@ -35,7 +35,7 @@ from ...scores import ScoreConfig
 from ...solvers import Identity, Solver
 from ...store.artifacts import cached_candidate_index
 from ...telemetry import StageClock, machine_info
-from ..common import candidate_scores, lissa_solver, select_test_points, solve_summary
+from ..common import lissa_solver, select_test_points, solve_summary
 from .config import LABEL_MODES, SimulatabilityConfig
 from .summary import summarise
 
@@ -66,19 +66,11 @@ def influence_top_k(
     )
     influence = Influence(adapter, train, _solver(config), ScoreConfig(batch_size=config.batch_size), config.batch_size)
     start = time.perf_counter()
-    influence.build_index(cached_candidate_index(adapter, train, index_cache, config.batch_size))
+    influence.build_index(cached_candidate_index(lambda: influence.train_features, len(train), index_cache))
     index_seconds = round(time.perf_counter() - start, 2)
-    neighbours, scores = candidate_scores(influence, test, config.candidates)
-    top = _top_k(torch.from_numpy(scores), torch.from_numpy(neighbours), config.n_explain)
+    scored = influence.candidate_scores(test, config.candidates)
     info = {"num_params": adapter.num_params, "index_seconds": index_seconds}
-    return top, {**info, "solve": solve_summary(influence.last_solve)}
-
-
-def _top_k(scores: Tensor, neighbours: Tensor, k: int) -> TopK:
-    """The k largest and k most negative scores per row, mapped to training indices through ``neighbours``."""
-    helpful_scores, helpful = scores.topk(k, dim=1)
-    harmful_scores, harmful = scores.topk(k, dim=1, largest=False)
-    return TopK(neighbours.gather(1, helpful), helpful_scores, neighbours.gather(1, harmful), harmful_scores)
+    return scored.top_k(config.n_explain), {**info, "solve": solve_summary(scored.solve.info)}
 
 
 def random_explanations(labels: Tensor, n: int, rng: np.random.Generator) -> list[int]:

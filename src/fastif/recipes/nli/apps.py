@@ -176,7 +176,7 @@ class ExperimentConfig(FinetuneConfig):
     ANLI (3-class model; groups are its rounds). The model's training data is the bundled MNLI train split; the
     pool is MNLI train (correct), HANS train (augment, HANS) or the ANLI pool part (augment, ANLI). The LiSSA
     damping 0.3 is the pipeline's for MiniLM's pooler + classifier (its Hessian's smallest eigenvalue is about
-    -0.14); a diverging chain doubles it (see the loop's ``damped_s_test``)."""
+    -0.14); a diverging chain doubles it (see ``influence_top`` in fastif.applications.finetune.run)."""
 
     groups: tuple[str, ...] = HANS_HEURISTICS
     task: Task = "hans"

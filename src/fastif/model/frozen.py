@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import Batch, Dataset, index_chunks, length_order
-from .errors import DataError, ModelError
-from .model.adapter import ModelAdapter
-from .store import Store
+from ..data import Batch, Dataset, index_chunks, length_order
+from ..errors import DataError, ModelError
+from .adapter import ModelAdapter
 
 FrozenMode = Literal["auto", "on", "off"]
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
@@ -142,7 +141,7 @@ def find_split(adapter: ModelAdapter, mode: FrozenMode = "auto") -> Split | None
         _no_split(
             mode,
             f"no frozen-bottom splitter is registered for {type(model).__name__} (model_type "
-            f"{model_type!r}); register one with class MySplitter(fastif.frozen.Splitter, model_types=(...))",
+            f"{model_type!r}); register one with class MySplitter(fastif.model.frozen.Splitter, model_types=(...))",
         )
         return None
     prefix = model.base_model_prefix
@@ -364,32 +363,3 @@ def encode_prefix(
             sink.put(i, state)
     stacked = torch.stack([features[i] for i in range(len(data))])
     return Encoded(sink.finish(data), stacked, bool(captured.get("tuple", False)))
-
-
-def _entry_name(split: Split) -> str:
-    return f"frozen-{split.layers}-{split.first}{'-first-token' if split.first_token_only else ''}".replace(".", "_")
-
-
-def has_encoding(store: Store, split: Split) -> bool:
-    """Whether ``store`` holds a finished encoding at ``split``."""
-    name = _entry_name(split)
-    return store.has(f"{name}-states") and store.has(f"{name}-index")
-
-
-def cached_encoding(store: Store, split: Split, data: Dataset, compute: Callable[[], Encoded]) -> Encoded:
-    """The encoding of ``data`` at ``split`` from ``store`` (a Store keyed by this model and data), or ``compute()``
-    saved there: activations as a mapped ``.npy`` entry, sizes and features as tensors, named after the split."""
-    name = _entry_name(split)
-    if has_encoding(store, split):
-        index = store.load(f"{name}-index")
-        sizes = index["sizes"].tolist()
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        states = store.load(f"{name}-states")
-        activations = ActivationData(data, states, offsets, sizes, split.first_token_only)
-        return Encoded(activations, index["features"], bool(store.meta(f"{name}-index")["layer_returns_tuple"]))
-    encoded = compute()
-    states = encoded.data.states
-    store.save_array(f"{name}-states", states if isinstance(states, np.ndarray) else states.numpy())
-    index = {"sizes": torch.tensor(encoded.data.sizes), "features": encoded.features}
-    store.save(f"{name}-index", index, {"layer_returns_tuple": encoded.layer_returns_tuple, "n": len(data)})
-    return encoded
