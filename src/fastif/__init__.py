@@ -3,8 +3,16 @@
 from .data import Dataset, TensorData
 from .errors import FastIFError
 from .hvp import Hessian
-from .influence import Influence, TopK
-from .model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapter, ParameterSelection, TorchAdapter
+from .influence import CandidateScores, Influence, TopK
+from .kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, PCGConfig
+from .model.adapter import (
+    AdapterConfig,
+    HFClassifierAdapter,
+    MeasuredAdapter,
+    ModelAdapter,
+    ParameterSelection,
+    TorchAdapter,
+)
 from .scores import ScoreConfig
 from .solvers import (
     CG,
@@ -24,11 +32,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
+    "PCG",
     "AdapterConfig",
     "Arnoldi",
     "ArnoldiConfig",
     "CGConfig",
+    "CandidateScores",
     "Dataset",
+    "EKFACConfig",
     "Exact",
     "ExactConfig",
     "FastIFError",
@@ -37,9 +50,12 @@ __all__ = [
     "Identity",
     "IdentityConfig",
     "Influence",
+    "KFACConfig",
     "LiSSA",
     "LiSSAConfig",
+    "MeasuredAdapter",
     "ModelAdapter",
+    "PCGConfig",
     "ParameterSelection",
     "ScoreConfig",
     "Solver",

@@ -33,8 +33,8 @@ from .data import Dataset, as_dataset
 from .errors import DataError
 from .gradient_store import GradientStore, GradientStoreConfig, build_store
 from .grads import dataset_grads, mean_loss_grad
-from .hvp import Hessian, HVPMethod
-from .model.adapter import ModelAdapter
+from .hvp import Hessian, HessianKind, HVPMethod
+from .model.adapter import MeasuredAdapter, ModelAdapter
 from .model.frozen import (
     DEFAULT_BUDGET_BYTES,
     Encoded,
@@ -109,6 +109,10 @@ class Influence:
     kronfluence's users can choose, e.g. a subsample of a large training set. ``cache``, a
     :class:`~fastif.store.Store` opened for this model and training set, keeps the frozen path's training
     activations and features as entries named after the split, so a later run skips the pass.
+    ``hessian_kind="gauss-newton"`` inverts the Gauss-Newton matrix (PSD by construction, so no damping is needed
+    to make it invertible on a non-convex model) instead of the Hessian. ``measurement(outputs, batch) -> [B]``
+    replaces the test loss by another function of the model's outputs (a margin, one class's logit): the scores
+    then predict the change of that measurement.
     """
 
     def __init__(
@@ -125,6 +129,8 @@ class Influence:
         cache_folder: str | Path | None = None,
         hessian_data: Any = None,
         cache: Store | None = None,
+        hessian_kind: HessianKind = "hessian",
+        measurement: Callable[[Any, Any], Tensor] | None = None,
     ) -> None:
         self.adapter = adapter
         self.train = as_dataset(train)
@@ -133,7 +139,8 @@ class Influence:
         self.solver = solver or CG()
         self.score_config = score or ScoreConfig()
         self.flat = adapter.flat_params()
-        self.hessian_batch_size, self.hvp_method = hessian_batch_size, hvp_method
+        self.hessian_batch_size, self.hvp_method, self.hessian_kind = hessian_batch_size, hvp_method, hessian_kind
+        self.measurement = measurement
         self.candidate_config = candidates or CandidateConfig()
         self.index: CandidateIndex | None = None
         self.split = find_split(adapter, frozen)
@@ -212,7 +219,7 @@ class Influence:
     def hessian(self) -> Hessian:
         """The objective's Hessian over ``hessian_data`` (default: the training set) at the current parameters."""
         data = self.train_view if self.hessian_data is None else self.prepare(self.hessian_data).data
-        return Hessian(self.work_adapter, data, self.flat, self.hessian_batch_size, self.hvp_method)
+        return Hessian(self.work_adapter, data, self.flat, self.hessian_batch_size, self.hvp_method, self.hessian_kind)
 
     # ------------------------------------------------------------------------------------------ s_test
 
@@ -227,11 +234,18 @@ class Influence:
         """Per-example loss gradients [n_test, P] of the test examples."""
         return self._grads(self.prepare(test).data)
 
+    @cached_property
+    def test_adapter(self) -> ModelAdapter:
+        """The adapter whose per-example "loss" is differentiated on the test side: the measurement, if given."""
+        if self.measurement is None:
+            return self.work_adapter
+        return MeasuredAdapter(self.work_adapter, self.measurement)
+
     def _grads(self, data: Dataset, group: bool = False) -> Tensor:
         config = self.score_config
         if group:
-            return mean_loss_grad(self.work_adapter, self.flat, data, config.batch_size)[None].detach()
-        return dataset_grads(self.work_adapter, self.flat, data, None, config.batch_size, config.chunk_size)
+            return mean_loss_grad(self.test_adapter, self.flat, data, config.batch_size)[None].detach()
+        return dataset_grads(self.test_adapter, self.flat, data, None, config.batch_size, config.chunk_size)
 
     def solve(self, test: Any, group: bool = False) -> SolveResult:
         """``(H + damping·I)⁻¹ ∇L`` per test example [n_test, P] (or for the group's mean loss, [1, P]) and the

@@ -7,11 +7,16 @@ Every solver inverts the same matrix ``H + damping·I``, where ``H`` is the Hess
 * :class:`CG` runs conjugate gradients with full-data HVPs.
 * :class:`LiSSA` runs FastIF's stochastic recursion ``h_j = v + (1 - d)·h_{j-1} - H_B h_{j-1} / scale`` with
   ``d = damping / scale`` and a fresh random batch ``H_B`` of ``batch_size`` examples per step, returns
-  ``h_J / scale`` averaged over ``repeats`` chains; its fixed point is ``(H + damping·I)⁻¹ v``. FastIF's
+  ``h_J / scale`` averaged over ``repeats`` chains; its fixed point is ``(H + damping·I)⁻¹ v``. By default it
+  picks depth and batch size to reach a relative residual of 0.05 (see :class:`LiSSAConfig`). FastIF's
   (damp, scale) correspond to ``damping = damp·scale`` (see :meth:`LiSSAConfig.from_fastif`).
 * :class:`Arnoldi` (Schioppa et al. 2022) finds the top eigenpairs (λ_i, u_i) of ``H`` by Arnoldi iteration and
   returns ``Σ_i u_i u_iᵀ v / (λ_i + damping)``: the inverse restricted to that subspace.
 * :class:`Identity` returns ``v`` (``H`` replaced by ``I``): gradient similarity, single-checkpoint TracIn.
+
+Exact, CG, LiSSA and Arnoldi report ``relative_residual`` ‖(H + damping·I)s − v‖ / ‖v‖ (worst row; per row in
+``relative_residuals``) in their info, measured on the Hessian's fixed sample (:meth:`Hessian.sample_matvec`:
+all examples up to ``sample_size`` = 1024, else a seeded subsample of that many): one extra HVP pass per solve.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -62,6 +67,22 @@ class Solver(ABC):
     @abstractmethod
     def solve(self, vectors: Tensor) -> SolveResult:
         """Return ``(H + damping·I)⁻¹ v`` for each row of ``vectors`` ([k, P])."""
+
+
+def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) -> dict[str, Any]:
+    """Each row's relative residual ‖(H + damping·I)x − v‖ / ‖v‖ on the Hessian's fixed sample (one HVP pass).
+
+    ``relative_residual`` is the largest; ``residual_examples`` says how many training examples the sample holds.
+    """
+    matvec = getattr(hessian, "sample_matvec", hessian.matvec)  # operators without a sample: their full H
+    residual = matvec(x) + damping * x - vectors
+    norms = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
+    residuals = (residual.norm(dim=1) / norms).tolist()
+    return {
+        "relative_residual": max(residuals),
+        "relative_residuals": residuals,
+        "residual_examples": getattr(hessian, "sample_examples", hessian.num_examples),
+    }
 
 
 def _check_damping(damping: float) -> None:
@@ -106,9 +127,10 @@ class Exact(Solver):
         return self
 
     def solve(self, vectors: Tensor) -> SolveResult:
-        self._fitted()
-        coefficients = (vectors @ self.eigenvectors) / self.eigenvalues
-        return SolveResult(coefficients @ self.eigenvectors.T, {"min_eigenvalue": float(self.eigenvalues.min())})
+        hessian = self._fitted()
+        x = ((vectors @ self.eigenvectors) / self.eigenvalues) @ self.eigenvectors.T
+        info = {"min_eigenvalue": float(self.eigenvalues.min())}
+        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, self.config.damping)})
 
 
 # ---------------------------------------------------------------------------------------------- CG
@@ -180,37 +202,62 @@ class CG(Solver):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return SolveResult(x, {"converged": converged, "iterations": len(trace), "residual_trace": trace})
+        info = {"converged": converged, "iterations": len(trace), "residual_trace": trace}
+        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, config.damping)})
 
 
 # ---------------------------------------------------------------------------------------------- LiSSA
+
+
+FASTIF_DEPTH = 1000
+"""Steps per chain of :meth:`LiSSAConfig.from_fastif` unless given (this library's long-standing default)."""
 
 
 @dataclass(frozen=True)
 class LiSSAConfig:
     """FastIF's stochastic recursion; ``scale=None`` picks ``scale_margin`` × the top batch-Hessian eigenvalue.
 
-    ``batch_size=1`` with many ``repeats`` is FastIF's fast s_test; each chain ``r`` draws its batches from its own
-    seed ``(seed, r)``, so results do not depend on which worker ran which chain. ``tail_average`` > 0 averages the
-    iterates of that final fraction of steps instead of taking the last one (FastIF: 0): the chain's stationary
-    mean is the same fixed point, and averaging cuts the minibatch noise that the last iterate keeps.
+    **Automatic mode** (``depth=None``, the default): chains run in attempts of doubling depth, each warm-started
+    from the last estimate, until the relative residual ‖(H + damping·I)s − v‖ / ‖v‖ on the Hessian's fixed sample
+    is at most ``target_residual`` (0.05) or the next attempt would pass ``max_steps`` (steps summed over chains
+    and attempts); then it warns and says so in the info. Unset options are chosen: ``batch_size`` starts at
+    min(n, 32) and doubles with the depth, 2 ``repeats``, ``tail_average`` 0.5; set ones are kept as given.
+
+    **Fixed mode** (``depth`` set): exactly the given recursion, unset options at FastIF's values (``batch_size``
+    1, 1 repeat, last iterate); :meth:`from_fastif` names FastIF's literal setting. Each chain ``r`` draws its
+    batches from its own seed ``(seed, r)``, so results do not depend on which worker ran which chain.
+    ``tail_average`` > 0 averages the iterates of that final fraction of steps instead of taking the last one: the
+    chain's stationary mean is the same fixed point, and averaging cuts the minibatch noise the last iterate keeps.
     """
 
     damping: float = 0.0
     scale: float | None = None
-    depth: int = 1000
-    repeats: int = 1
-    batch_size: int = 1
+    depth: int | None = None
+    repeats: int | None = None
+    batch_size: int | None = None
     seed: int = 0
     scale_margin: float = 1.5
     power_iterations: int = 20
     scale_samples: int = 8
-    tail_average: float = 0.0
+    tail_average: float | None = None
+    target_residual: float = 0.05
+    max_steps: int = 20_000
+
+    @property
+    def adaptive(self) -> bool:
+        """True in the automatic mode (``depth`` unset): the solve picks its depth to reach ``target_residual``."""
+        return self.depth is None
 
     @classmethod
     def from_fastif(cls, damp: float, scale: float, **options: Any) -> LiSSAConfig:
-        """Translate FastIF's relative ``damp`` and ``scale`` (e.g. 5e-3 and 1e4) into this config."""
-        return cls(damping=damp * scale, scale=scale, **options)
+        """FastIF's literal setting: its relative ``damp`` and ``scale`` (e.g. 5e-3 and 1e4), B = 1, last iterate,
+        fixed depth (default :data:`FASTIF_DEPTH`); ``options`` override any field."""
+        settings = {"depth": FASTIF_DEPTH, "batch_size": 1, "repeats": 1, "tail_average": 0.0, **options}
+        return cls(damping=damp * scale, scale=scale, **settings)
+
+
+AUTO_BATCH, AUTO_REPEATS, AUTO_TAIL, AUTO_START_DEPTH = 32, 2, 0.5, 100
+"""The automatic mode's starting batch size (capped at n), chains, tail fraction and first attempt's depth."""
 
 
 def _power_iteration(matvec, dim: int, iterations: int, generator: torch.Generator, like: Tensor) -> float:
@@ -228,19 +275,35 @@ def _power_iteration(matvec, dim: int, iterations: int, generator: torch.Generat
     return abs(estimate)
 
 
+def _check_lissa_config(config: LiSSAConfig) -> None:
+    _check_damping(config.damping)
+    sizes = {"depth": config.depth, "repeats": config.repeats, "batch_size": config.batch_size}
+    if any(value is not None and value <= 0 for value in sizes.values()) or config.max_steps <= 0:
+        raise SolverError("LiSSA depth, repeats, batch_size and max_steps must all be positive")
+    if config.tail_average is not None and not 0.0 <= config.tail_average < 1.0:
+        raise SolverError(f"LiSSA tail_average must lie in [0, 1), got {config.tail_average}")
+    if not config.target_residual > 0:
+        raise SolverError(f"LiSSA target_residual must be positive, got {config.target_residual}")
+
+
 class LiSSA(Solver):
-    """LiSSA with a contraction-safe automatic scale, divergence detection and per-chain norm traces."""
+    """LiSSA with a contraction-safe automatic scale, divergence detection and per-chain norm traces.
+
+    ``fit`` resolves the unset options (see :class:`LiSSAConfig`) into ``depth``, ``batch_size``, ``repeats`` and
+    ``tail_average`` attributes; in the automatic mode ``depth`` and ``batch_size`` are the first attempt's.
+    """
 
     config_class = LiSSAConfig
 
     def fit(self, hessian: Hessian) -> LiSSA:
         config = self.config
-        _check_damping(config.damping)
-        if config.depth <= 0 or config.repeats <= 0 or config.batch_size <= 0:
-            raise SolverError("LiSSA depth, repeats and batch_size must all be positive")
-        if not 0.0 <= config.tail_average < 1.0:
-            raise SolverError(f"LiSSA tail_average must lie in [0, 1), got {config.tail_average}")
+        _check_lissa_config(config)
         super().fit(hessian)
+        auto = config.adaptive
+        self.depth = config.depth or AUTO_START_DEPTH
+        self.batch_size = config.batch_size or (min(hessian.num_examples, AUTO_BATCH) if auto else 1)
+        self.repeats = config.repeats or (AUTO_REPEATS if auto else 1)
+        self.tail_average = config.tail_average if config.tail_average is not None else (AUTO_TAIL if auto else 0.0)
         self.top_eigenvalue: float | None = None
         if config.scale is None:
             self.top_eigenvalue = self._estimate_top_eigenvalue(hessian)
@@ -269,24 +332,33 @@ class LiSSA(Solver):
             )
         return max(estimates)
 
-    def _draw(self, rng: np.random.Generator, n: int) -> list[int]:
-        return rng.choice(n, size=min(self.config.batch_size, n), replace=False).tolist()
+    def _draw(self, rng: np.random.Generator, n: int, batch_size: int | None = None) -> list[int]:
+        """One step's batch: ``batch_size`` (default: the fitted one) distinct indices below ``n``."""
+        size = self.batch_size if batch_size is None else batch_size
+        return rng.choice(n, size=min(size, n), replace=False).tolist()
 
     def run_chain(self, vectors: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
-        """One chain (number ``repeat``): its estimate ``h_J / scale`` [k, P] and its norm trace ‖h_j‖ [depth]."""
-        hessian, config = self._fitted(), self.config
-        rng = np.random.default_rng((config.seed, repeat))
-        decay = 1.0 - config.damping / self.scale
-        estimate = vectors.clone()
-        averaged_steps = max(1, round(config.tail_average * config.depth))
+        """One chain (number ``repeat``) at the fitted settings: its estimate ``h / scale`` [k, P] (last iterate or
+        tail average) and its norm trace ‖h_j‖ [depth]."""
+        return self._chain(vectors, repeat, self.depth, self.batch_size, None, (self.config.seed, repeat))
+
+    def _chain(
+        self, vectors: Tensor, repeat: int, depth: int, batch_size: int, start: Tensor | None, stream: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """``depth`` steps at ``batch_size`` from ``h_0 = start`` (default ``v``), batches drawn from ``stream``."""
+        hessian = self._fitted()
+        rng = np.random.default_rng(stream)
+        decay = 1.0 - self.config.damping / self.scale
+        estimate = vectors.clone() if start is None else start.clone()
+        averaged_steps = max(1, round(self.tail_average * depth))
         tail_sum = torch.zeros_like(vectors)
-        trace = torch.empty(config.depth, dtype=torch.float64)
-        for step in range(config.depth):
-            product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples))
+        trace = torch.empty(depth, dtype=torch.float64)
+        for step in range(depth):
+            product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples, batch_size))
             estimate = vectors + decay * estimate - product / self.scale
             trace[step] = float(estimate.norm())
             self._check_divergence(trace, step, repeat)
-            if step >= config.depth - averaged_steps:
+            if step >= depth - averaged_steps:
                 tail_sum += estimate
         return tail_sum / (averaged_steps * self.scale), trace
 
@@ -307,11 +379,45 @@ class LiSSA(Solver):
         )
 
     def solve(self, vectors: Tensor) -> SolveResult:
-        chains = [self.run_chain(vectors, repeat) for repeat in range(self.config.repeats)]
+        hessian = self._fitted()
+        if self.config.adaptive:
+            return self._solve_adaptive(vectors)
+        chains = [self.run_chain(vectors, repeat) for repeat in range(self.repeats)]
         estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
-        traces = torch.stack([trace for _, trace in chains])
-        info = self.diagnostics(traces)
+        info = self.diagnostics(torch.stack([trace for _, trace in chains]))
         self.warn_if_unsettled(info, stacklevel=3)
+        return SolveResult(estimate, {**info, **residual_info(hessian, estimate, vectors, self.config.damping)})
+
+    def _solve_adaptive(self, vectors: Tensor) -> SolveResult:
+        """Attempts of doubling depth (and batch size, if unset), warm-started, until the residual target is met."""
+        hessian, config = self._fitted(), self.config
+        depth, batch_size, start, steps, attempts = self.depth, self.batch_size, None, 0, []
+        while True:
+            stream = len(attempts)
+            chains = [
+                self._chain(vectors, r, depth, batch_size, start, (config.seed, r, stream)) for r in range(self.repeats)
+            ]
+            estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
+            steps += self.repeats * depth
+            residual = residual_info(hessian, estimate, vectors, config.damping)
+            attempts.append(
+                {"depth": depth, "batch_size": batch_size, "relative_residual": residual["relative_residual"]}
+            )
+            settled = residual["relative_residual"] <= config.target_residual
+            if settled or steps + 2 * self.repeats * depth > config.max_steps:
+                break
+            depth, start = 2 * depth, self.scale * estimate
+            batch_size = batch_size if config.batch_size is not None else min(2 * batch_size, hessian.num_examples)
+        info = self.diagnostics(torch.stack([trace for _, trace in chains]))
+        info.update(residual, converged=settled, attempts=attempts, steps=steps, target_residual=config.target_residual)
+        if not settled:
+            warnings.warn(
+                f"LiSSA stopped at relative residual {residual['relative_residual']:.3g} > target "
+                f"{config.target_residual:g} after {steps} steps (budget max_steps={config.max_steps}; last attempt "
+                f"depth {depth}, batch {batch_size}); raise max_steps or damping, or use CG",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return SolveResult(estimate, info)
 
     @staticmethod
@@ -349,18 +455,46 @@ class LiSSA(Solver):
 # ---------------------------------------------------------------------------------------------- Arnoldi
 
 
+ArnoldiSelect = Literal["magnitude", "positive"]
+
+
 @dataclass(frozen=True)
 class ArnoldiConfig:
-    """Top-``rank`` eigenpairs of H from ``iterations`` Arnoldi steps (default ``min(P, 2·rank)``)."""
+    """Top-``rank`` eigenpairs of H from ``iterations`` Arnoldi steps (default ``min(P, 2·rank)``).
+
+    ``select="magnitude"`` keeps the largest-|λ| eigenpairs and refuses a non-positive ``λ + damping`` among them;
+    ``select="positive"`` (captum's choice) keeps the largest positive ones and drops the rest.
+    """
 
     damping: float = 0.0
     rank: int = 20
     iterations: int | None = None
     seed: int = 0
+    select: ArnoldiSelect = "magnitude"
+
+
+def _orthogonalise(vector: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``vector`` minus its projection on the orthonormal ``basis``, by classical Gram-Schmidt twice.
+
+    Twice is enough (Kahan-Parlett): the result is orthogonal to working precision. Returns it and the coefficients.
+    """
+    stack = torch.stack(basis)
+    coefficients = torch.zeros(len(basis), dtype=vector.dtype, device=vector.device)
+    for _ in range(2):
+        step = stack @ vector
+        vector = vector - step @ stack
+        coefficients += step
+    return vector, coefficients
 
 
 class Arnoldi(Solver):
-    """Arnoldi iteration with full reorthogonalisation; inverts ``H + damping·I`` in the top eigen-subspace."""
+    """Arnoldi (Lanczos) iteration with full re-orthogonalisation; inverts ``H + damping·I`` in the top subspace.
+
+    A breakdown (the Krylov space is invariant: the new direction is below the dtype's rounding, ``100·eps`` × the
+    largest ‖H q‖) restarts from a random direction orthogonal to the basis, so H = c·I with rank = P is exact.
+    When fewer than ``rank`` eigenpairs can be kept (P < rank, or too few positive ones) it keeps those found,
+    records ``eigenpairs_found`` in the info and warns.
+    """
 
     config_class = ArnoldiConfig
 
@@ -369,47 +503,87 @@ class Arnoldi(Solver):
         _check_damping(config.damping)
         if config.rank <= 0:
             raise SolverError(f"Arnoldi rank must be positive, got {config.rank}")
+        if config.select not in ("magnitude", "positive"):
+            raise SolverError(f"Arnoldi select must be 'magnitude' or 'positive', got {config.select!r}")
         super().fit(hessian)
-        iterations = min(hessian.dim, config.iterations or 2 * config.rank)
-        basis, hessenberg = self._arnoldi(hessian, max(iterations, min(config.rank, hessian.dim)))
-        values, vectors = torch.linalg.eigh(0.5 * (hessenberg + hessenberg.T))
-        keep = values.abs().argsort(descending=True)[: config.rank]
+        iterations = min(hessian.dim, max(config.iterations or 2 * config.rank, config.rank))
+        basis, projected, self.restarts = self._arnoldi(hessian, iterations)
+        values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
+        keep = self._select(values)
         self.eigenvalues = values[keep]
-        self.eigenvectors = basis.T @ vectors[:, keep]  # [P, rank]
+        self.eigenvectors = basis.T @ vectors[:, keep]  # [P, kept]
+        self._warn_if_short(basis.shape[0])
         smallest = float((self.eigenvalues + config.damping).min())
         if smallest <= 0:
             raise SolverError(
                 f"H + damping·I has a non-positive eigenvalue ({smallest:.3g}) in the Arnoldi subspace; "
-                f"increase damping above {config.damping - smallest:.3g}"
+                f"increase damping above {config.damping - smallest:.3g}, or use select='positive'"
             )
         return self
 
-    def _arnoldi(self, hessian: Hessian, iterations: int) -> tuple[Tensor, Tensor]:
-        """Orthonormal Krylov basis Q [m, P] and the projected matrix Qᵀ H Q [m, m]."""
+    def _select(self, values: Tensor) -> Tensor:
+        """Indices of the kept eigenvalues: largest |λ|, or largest λ above rounding (``select='positive'``)."""
+        rank = self.config.rank
+        if self.config.select == "magnitude":
+            return values.abs().argsort(descending=True)[:rank]
+        floor = 100 * torch.finfo(values.dtype).eps * float(values.abs().max())
+        order = values.argsort(descending=True)
+        return order[values[order] > floor][:rank]
+
+    def _warn_if_short(self, basis_size: int) -> None:
+        kept = int(self.eigenvalues.numel())
+        if kept == 0:
+            raise SolverError("Arnoldi found no positive eigenvalue of H; use select='magnitude' with damping")
+        if kept < self.config.rank:
+            reason = "positive eigenvalues" if kept < basis_size else f"dimensions (P = {self.hessian.dim})"
+            warnings.warn(
+                f"Arnoldi kept {kept} eigenpairs, fewer than rank {self.config.rank}: there are only {kept} "
+                f"{reason}; the inverse is restricted to that subspace",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _arnoldi(self, hessian: Hessian, iterations: int) -> tuple[Tensor, Tensor, int]:
+        """Orthonormal basis Q [m, P], the projected matrix Qᵀ H Q [m, m] and the number of breakdown restarts."""
         generator = torch.Generator().manual_seed(self.config.seed)
-        start = torch.randn(hessian.dim, generator=generator, dtype=hessian.flat.dtype).to(hessian.flat.device)
+        like = hessian.flat
+        eps = torch.finfo(like.dtype).eps
+
+        def random_direction() -> Tensor:
+            return torch.randn(hessian.dim, generator=generator, dtype=like.dtype).to(like.device)
+
+        start = random_direction()
         basis = [start / start.norm()]
-        projected = torch.zeros(iterations + 1, iterations, dtype=start.dtype, device=start.device)
-        for j in range(iterations):
+        projected = torch.zeros(iterations, iterations, dtype=like.dtype, device=like.device)
+        largest, restarts = 0.0, 0
+        for j in range(iterations - 1):
             product = hessian.matvec(basis[j])
-            scale = float(product.norm())
-            for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-                stack = torch.stack(basis)
-                coefficients = stack @ product
-                product = product - coefficients @ stack
-                projected[: j + 1, j] += coefficients
-            norm = product.norm()
-            projected[j + 1, j] = norm
-            if float(norm) <= 1e-10 * max(scale, 1e-30) or j + 1 == iterations:
-                size = j + 1
-                return torch.stack(basis[:size]), projected[:size, :size]
-            basis.append(product / norm)
-        raise AssertionError("unreachable")
+            largest = max(largest, float(product.norm()))
+            product, coefficients = _orthogonalise(product, basis)
+            projected[: j + 1, j] = coefficients
+            norm = float(product.norm())
+            if norm > 100 * eps * largest:
+                projected[j + 1, j] = norm
+                basis.append(product / norm)
+                continue
+            restarts += 1  # invariant subspace found: go on from a fresh direction (the coupling stays 0)
+            fresh, _ = _orthogonalise(random_direction(), basis)  # len(basis) < P, so it is not 0
+            basis.append(fresh / fresh.norm())
+        size = len(basis)
+        last = hessian.matvec(basis[-1])
+        projected[:size, size - 1] = torch.stack(basis) @ last
+        return torch.stack(basis), projected[:size, :size], restarts
 
     def solve(self, vectors: Tensor) -> SolveResult:
-        self._fitted()
+        hessian = self._fitted()
         coefficients = (vectors @ self.eigenvectors) / (self.eigenvalues + self.config.damping)
-        return SolveResult(coefficients @ self.eigenvectors.T, {"eigenvalues": self.eigenvalues.tolist()})
+        x = coefficients @ self.eigenvectors.T
+        info = {
+            "eigenvalues": self.eigenvalues.tolist(),
+            "eigenpairs_found": int(self.eigenvalues.numel()),
+            "breakdown_restarts": self.restarts,
+        }
+        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, self.config.damping)})
 
 
 # ---------------------------------------------------------------------------------------------- Identity

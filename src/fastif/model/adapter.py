@@ -234,6 +234,31 @@ class ModelAdapter(ABC):
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Per-example loss [B] with the selected parameters set to ``params``."""
 
+    def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Any:
+        """The model's outputs (e.g. logits) with the selected parameters set to ``params``: what a Gauss-Newton
+        Hessian or a measurement other than the loss needs. Adapters that can separate them override this."""
+        raise ModelError(
+            f"{type(self).__name__} gives no model outputs apart from its loss (needed by the Gauss-Newton Hessian "
+            "and by measurements); implement _outputs and loss_from_outputs, or use TorchAdapter/HFClassifierAdapter"
+        )
+
+    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
+        """The per-example loss [B] of ``outputs`` on ``batch`` (so ``_loss = loss_from_outputs ∘ _outputs``)."""
+        raise ModelError(f"{type(self).__name__} gives no loss of outputs; implement loss_from_outputs")
+
+    def outputs(self, flat: Tensor, batch: Batch) -> Any:
+        """The model's outputs at the flat parameters ``flat``."""
+        return self._outputs(self.space.unflatten(flat), batch)
+
+    def raw_batch(self, batch: Batch) -> Batch:
+        """The batch as the user's dataset gave it (adapters that add cached inputs strip them here)."""
+        return batch
+
+    @property
+    def has_outputs(self) -> bool:
+        """Whether this adapter separates the model's outputs from its loss (see :meth:`_outputs`)."""
+        return type(self)._outputs is not ModelAdapter._outputs
+
     def features(self, batch: Batch) -> Tensor:
         """Feature vectors [B, d] used for kNN candidate search (no gradients)."""
         raise ModelError(f"{type(self).__name__} has no feature function; pass feature_fn= to the adapter")
@@ -264,10 +289,16 @@ class TorchAdapter(ModelAdapter):
         self.loss_fn = loss_fn
         self.feature_fn = feature_fn
 
-    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        inputs, targets = _split_pair(batch)
+    def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Any:
+        inputs, _ = _split_pair(batch)
         args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-        return self.loss_fn(self.functional_call(params, args, {}), targets)
+        return self.functional_call(params, args, {})
+
+    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
+        return self.loss_fn(outputs, _split_pair(batch)[1])
+
+    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        return self.loss_from_outputs(self._outputs(params, batch), batch)
 
     @torch.no_grad()
     def features(self, batch: Batch) -> Tensor:
@@ -417,8 +448,14 @@ class HFClassifierAdapter(ModelAdapter):
         with self._masks_for_mode():
             return self.functional_call(params, (), self._model_inputs(batch)).logits
 
+    def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        return self.logits(params, batch)
+
+    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
+        return torch.nn.functional.cross_entropy(outputs, batch["labels"], reduction="none")
+
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        return torch.nn.functional.cross_entropy(self.logits(params, batch), batch["labels"], reduction="none")
+        return self.loss_from_outputs(self.logits(params, batch), batch)
 
     def _probe_batch(self) -> dict[str, Tensor]:
         """Two token rows, the second right-padded (one 2-choice example for multiple choice), for the mask check."""
@@ -497,3 +534,21 @@ class HFClassifierAdapter(ModelAdapter):
             position = self._pooled_positions(ids) if self.causal else torch.zeros_like(ids[:, 0])
             feature = feature[torch.arange(len(feature), device=feature.device), position]
         return feature.reshape(inputs["input_ids"].shape[0], -1)
+
+
+class MeasuredAdapter(ModelAdapter):
+    """``base`` with a measurement in place of the loss: ``measurement(outputs, batch) -> [B]`` (e.g. a margin or
+    one class's logit; captum's ``test_loss_fn``, kronfluence's ``compute_measurement``). Influence takes the test
+    side's gradient of it, while H stays the training objective's."""
+
+    def __init__(self, base: ModelAdapter, measurement: Callable[[Any, Batch], Tensor]) -> None:
+        super().__init__(base.model, base.config)
+        if not base.has_outputs:
+            base._outputs({}, ())  # raises the ModelError that names the fix
+        self.base, self.measurement = base, measurement
+
+    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        return self.measurement(self.base._outputs(params, batch), self.base.raw_batch(batch))
+
+    def check_batch(self, batch: Batch) -> None:
+        self.base.check_batch(batch)

@@ -217,6 +217,20 @@ class FrozenAdapter(ModelAdapter):
         with self._injected(batch["hidden"]):
             return self.base._loss(params, batch["batch"])
 
+    def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Any:
+        with self._injected(batch["hidden"]):
+            return self.base._outputs(params, batch["batch"])
+
+    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
+        return self.base.loss_from_outputs(outputs, batch["batch"])
+
+    def raw_batch(self, batch: Batch) -> Batch:
+        return batch["batch"]
+
+    @property
+    def has_outputs(self) -> bool:
+        return self.base.has_outputs
+
     def check_batch(self, batch: Batch) -> None:
         self.base.check_batch(batch["batch"])
 

@@ -105,7 +105,7 @@ class Runner(RankGroup):
             return SolveResult(self._broadcast(private, header["shape"], header["dtype"]), header["info"])
         vectors = self._broadcast(private, header["shape"], header["dtype"])
         hessian = self._hessian()
-        if isinstance(header["config"], LiSSAConfig):
+        if isinstance(header["config"], LiSSAConfig) and not header["config"].adaptive:  # adaptive: main rank
             result = self._lissa(header["config"], hessian, vectors)
         else:
             result = self._solve_on_main(header["config"], hessian, vectors)
