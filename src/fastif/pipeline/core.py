@@ -24,9 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..candidates import CandidateIndex
-from ..config import config_to_dict, save_config
+from ..config import DEFAULT_DAMPING, config_to_dict, save_config
 from ..data import Dataset, iter_batches, length_order
 from ..errors import ConfigError, DataError, StoreError
+from ..files import jsonable
+from ..fingerprint import fingerprint_parameters
 from ..grads import dataset_grads, mean_loss_grad
 from ..hvp import Hessian
 from ..influence import TopK, top_k_from_scores
@@ -36,7 +38,7 @@ from ..model.predict import dataset_labels
 from ..runner import Problem, Runner, RunnerConfig, usable_cores
 from ..scores import ScoreConfig, score_matrix
 from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, SolveResult, solver_from_config
-from ..store import Store, fingerprint_parameters
+from ..store import Store
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
 from .output import write_results
 from .recipe import LoadedModel, Recipe, find_recipe
@@ -81,7 +83,7 @@ def with_recipe_damping(config: PipelineConfig) -> PipelineConfig:
     """``config`` with ``solver.damping`` set to the recipe's damping when it is unset."""
     if config.solver.damping is not None:
         return config
-    damping = find_recipe(config.model.recipe_name).damping
+    damping = getattr(find_recipe(config.model.recipe_name), "damping", DEFAULT_DAMPING)
     return dataclasses.replace(config, solver=dataclasses.replace(config.solver, damping=damping))
 
 
@@ -129,17 +131,6 @@ class _ProgressHessian(Hessian):
 def _top_row(top: TopK, row: int) -> TopK:
     """Row ``row`` of a TopK, kept two-dimensional."""
     return TopK(*(getattr(top, name)[row : row + 1] for name in TopK.__dataclass_fields__))
-
-
-def json_ready(value: Any) -> Any:
-    """Solver diagnostics as JSON: tensors become (nested) lists of floats."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(item) for item in value]
-    return value
 
 
 class Pipeline:
@@ -455,7 +446,7 @@ class Pipeline:
             }
             for i, (query, top) in enumerate(zip(queries, tops, strict=True))
         ]
-        return self.report(explained, {**run, **json_ready(result.info)})
+        return self.report(explained, {**run, **jsonable(result.info)})
 
     def report(self, explained: list[dict[str, Any]], s_test: dict[str, Any]) -> dict[str, Any]:
         """The JSON-ready results of a run: semantics, model, parameters, index, s_test diagnostics and times."""

@@ -13,11 +13,11 @@ import numpy as np
 from ...data import Dataset
 from ...data.views import example_text
 from ...errors import DataError
+from ...files import jsonable
 from ...influence import Influence
 from ...model.predict import dataset_labels, predict
 from ...report.from_run import InfluenceRun
 from ...report.graph import TestPoint, TrainPoint
-from ...report.stats import json_safe
 from ...store.artifacts import cached_candidate_index
 from ..common import candidate_scores
 
@@ -60,7 +60,7 @@ def compute_run(
         candidates.append(group_candidates)
         scores.append(group_scores)
         solves[group] = {key: value for key, value in influence.last_solve.items() if not hasattr(value, "shape")}
-    info = {**dict(meta or {}), "solves": json_safe(solves)}
+    info = {**dict(meta or {}), "solves": jsonable(solves)}
     return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), info)
 
 
