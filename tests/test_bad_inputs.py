@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_batch
+from helpers import tiny_bert, token_batch
 from torch import nn
 
 import fastif

@@ -297,7 +297,7 @@ def test_bench_prints_stage_times(tmp_path, capsys):
 def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
-    assert first.endswith("pip install -e . && fastif demo")
+    assert first.endswith('pip install -e ".[nli]" && fastif demo')
     defaults = PipelineConfig()
     assert (defaults.candidates.count, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
     assert "100 nearest training pairs" in readme and "500 steps each" in readme

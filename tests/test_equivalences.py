@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logistic_adapter, logistic_data, token_batch
+from helpers import logistic_adapter, logistic_data, token_batch
 from torch import nn
 
 from fastif import CG, AdapterConfig, Exact, Hessian, Influence, LiSSA, ScoreConfig, TensorData, TorchAdapter
@@ -111,7 +111,7 @@ def test_exact_cg_and_lissa_agree_on_a_convex_model(logistic):
 
 
 def test_hvp_is_symmetric_on_a_tiny_bert_with_eager_attention():
-    from conftest import tiny_bert
+    from helpers import tiny_bert
 
     from fastif import HFClassifierAdapter
 

@@ -346,3 +346,13 @@ def test_detection_curve_by_hand():
     # Inspection order by suspicion: 0 (flipped), 3 (flipped), 2, 1.
     np.testing.assert_allclose(inspected, [0.0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(found, [0.0, 0.5, 1.0, 1.0, 1.0])
+
+
+def test_mislabel_auc_matches_scikit_learn_with_ties():
+    """The rank-statistic AUC equals scikit-learn's ROC AUC, ties counted one half."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    flipped = rng.random(300) < 0.2
+    suspicion = np.round(rng.normal(size=300) + flipped, 1)  # rounded: many ties
+    assert mislabel_auc(suspicion, flipped) == pytest.approx(roc_auc_score(flipped, suspicion), abs=1e-12)

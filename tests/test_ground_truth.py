@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fit_logistic, logistic_adapter, logistic_data
+from helpers import fit_logistic, logistic_adapter, logistic_data
 from scipy.stats import pearsonr
 
 from fastif import CG, Arnoldi, Exact, Hessian, Influence, LiSSA

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import fit_logistic, logistic_adapter, logistic_data
+from helpers import fit_logistic, logistic_adapter, logistic_data
 from scipy.stats import pearsonr
 from sklearn.datasets import load_breast_cancer, load_wine
 

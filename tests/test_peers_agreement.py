@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import logistic_data
+from helpers import logistic_data
 from torch import nn
 
 from fastif import AdapterConfig, Exact, Influence, ScoreConfig, TensorData, TorchAdapter

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from helpers import tiny_bert
 
 from fastif.errors import ConfigError, DataError, SolverError, StoreError
 from fastif.pipeline import (

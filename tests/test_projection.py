@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import token_batch
+from helpers import token_batch
 from torch import nn
 
 from fastif import AdapterConfig, TorchAdapter

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, token_batch
+from helpers import tiny_bert, token_batch
 
 from fastif import AdapterConfig, HFClassifierAdapter, Identity, Influence, TensorData
 from fastif.applications.influence_graph import compute_run

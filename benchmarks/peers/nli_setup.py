@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from fastif import CG, AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig, TensorData, TorchAdapter
 from fastif.data import iter_batches
 from fastif.data.text import TextPairData
+from fastif.model.hf import L2_EXCLUDE
 from fastif.model.predict import model_inputs
 from fastif.recipes.nli import NLI3_LABELS, NLITrainConfig, load_embedded, train_nli_classifier
 
 INCLUDE = ("bert.pooler", "classifier")
-L2_EXCLUDE = ("*bias", "*LayerNorm*")
 TRACKED_MODULES = ("bert.pooler.dense", "classifier")
 
 

@@ -16,7 +16,6 @@ manifest with ``N``, ``d``, the SHA-256 of the float32 features and of the index
 from __future__ import annotations
 
 import hashlib
-import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 
 from .config import config_from_dict, save_config
 from .errors import ConfigError, DataError, StoreError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, read_json
+from .fingerprint import file_sha256
 
 IndexType = Literal["flat", "ivf", "hnsw"]
 Metric = Literal["l2", "ip", "cosine"]
@@ -107,15 +107,6 @@ def _normalise(array: np.ndarray, what: str) -> np.ndarray:
 def features_fingerprint(features: np.ndarray | torch.Tensor) -> str:
     """SHA-256 of the features as C-contiguous float32 bytes; tells whether an index was built on these features."""
     return hashlib.sha256(_as_matrix(features, "features").tobytes()).hexdigest()
-
-
-def _file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _new_index(config: CandidateConfig, d: int) -> faiss.Index:
@@ -242,7 +233,7 @@ class CandidateIndex:
 
         def write_index(tmp: str) -> None:
             faiss.write_index(self.index, tmp)
-            index_hash.append(_file_sha256(tmp))
+            index_hash.append(file_sha256(tmp))
 
         atomic_write(folder / INDEX_FILE, write_index)
         save_config(self.config, folder / CONFIG_FILE)
@@ -271,7 +262,7 @@ class CandidateIndex:
                 f"this fastif reads {FORMAT_VERSION}; rebuild the index"
             )
         config = config_from_dict(CandidateConfig, _read_json(folder / CONFIG_FILE))
-        if _file_sha256(folder / INDEX_FILE) != manifest.get("index_sha256"):
+        if file_sha256(folder / INDEX_FILE) != manifest.get("index_sha256"):
             raise StoreError(f"{folder / INDEX_FILE} is corrupt (checksum mismatch); delete {folder} and rebuild")
         try:
             index = faiss.read_index(str(folder / INDEX_FILE))
@@ -284,10 +275,7 @@ class CandidateIndex:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """Parse a JSON object file, raising StoreError if it is unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StoreError(f"cannot read {path}: {err}; delete it and rebuild") from err
+    data = read_json(path, StoreError, "delete it and rebuild")
     if not isinstance(data, dict):
         raise StoreError(f"{path} does not hold a JSON object; delete it and rebuild")
     return data

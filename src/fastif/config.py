@@ -17,6 +17,10 @@ from .files import atomic_write_json
 
 C = TypeVar("C")
 
+DEFAULT_DAMPING = 0.0
+"""The library's one default damping of ``H + damping·I`` (absolute): none. Models whose Hessian is not positive
+definite need more; each recipe sets its own (``Recipe.damping``) and says why."""
+
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Return a JSON-ready dict of a config dataclass, tagged with its class name."""

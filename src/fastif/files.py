@@ -4,13 +4,18 @@ up-front check that an output folder can be written."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+import numpy as np
+import torch
+
+from .errors import DataError, OutputError
 
 
 def _umask() -> int:
@@ -55,6 +60,46 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_dir(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_folder)`` in a temporary sibling of ``path``, then rename it to ``path``, so ``path`` is never
+    half-written. An empty folder at ``path`` is replaced; a non-empty one makes the rename fail (``OSError``)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception] = DataError, fix: str = "") -> Any:
+    """Parse a JSON file; an unreadable or malformed file raises ``error`` naming it (and ``fix`` when given)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise error(f"cannot read {path}: {err}" + (f"; {fix}" if fix else "")) from err
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as standard JSON data: tensors and arrays become (nested) lists, tuples lists, NaN/inf None."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def check_writable(folder: str | os.PathLike[str], what: str = "--output", fix: str = "") -> Path:

@@ -17,8 +17,6 @@ from typing import Any
 from ..applications.simulatability import SimulatabilityConfig, format_headline, write_simulatability
 from ..errors import DataError
 from ..files import check_writable
-from ..report.from_run import GRAPH_FILE, RUN_FILE, STATS_FILE, report_run, summary_lines, write_run
-from ..report.screenshot import screenshot_explorer
 
 RESULTS_ROOT = Path("fastif-results")
 """Where the applications write by default: ``fastif-results/<command>`` (never the repository's benchmarks/)."""
@@ -185,6 +183,8 @@ def _graph_options(parser: argparse.ArgumentParser) -> None:
 def _graph_command(args: argparse.Namespace) -> int:
     """CLI handler: build the run, write it and its report, and optionally a browser screenshot."""
     from ..recipes.nli import apps
+    from ..report.from_run import report_run, summary_lines, write_run
+    from ..report.screenshot import screenshot_explorer
 
     overrides: dict[str, Any] = {"seed": args.seed}
     for name in ("per_group", "candidates", "select"):
@@ -209,8 +209,9 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser = subparsers.add_parser(
         "report",
         help="write the influence-graph figure (PNG/SVG), HTML explorer and graph_stats.json of a finished run",
-        description=f"Reads RUN_DIR/{RUN_FILE} (or RUN_DIR/{GRAPH_FILE}) and writes influence_graph.png/.svg, "
-        f"influence_explorer.html, {GRAPH_FILE} and {STATS_FILE}.",
+        description="Reads RUN_DIR/influence_run.json (or RUN_DIR/graph.json, or a pipeline's influence.json) and "
+        "writes influence_graph.png/.svg, influence_explorer.html, graph.json and graph_stats.json (needs the "
+        "report extra: pip install 'fastif[report]').",
     )
     parser.add_argument("run_dir", type=Path, help="folder of a finished run")
     parser.add_argument("--output", type=Path, default=None, help="where to write the report (default RUN_DIR/report)")
@@ -223,6 +224,8 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def _report_command(args: argparse.Namespace) -> int:
     """CLI handler: write the report and print where it went with the headline statistics."""
+    from ..report.from_run import report_run, summary_lines
+
     if args.top < 1:
         raise DataError(f"--top must be at least 1 (edges drawn per test point and sign), got {args.top}")
     paths = report_run(args.run_dir, args.output, args.top, args.title)

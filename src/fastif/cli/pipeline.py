@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..files import check_writable
+from ..files import atomic_dir, check_writable
 from .options import (
     CANDIDATES,
     DATA,
@@ -143,16 +142,7 @@ def _check_copy_target(target: Path) -> None:
 
 def _copy_model(source: Path, target: Path) -> None:
     """Copy a trained model folder to ``target`` through a temporary sibling, so ``target`` is never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        if target.exists():
-            target.rmdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_dir(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
 
 def _train(args: argparse.Namespace) -> int:

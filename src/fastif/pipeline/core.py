@@ -24,9 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..candidates import MANIFEST_FILE, CandidateIndex, compute_features
-from ..config import config_to_dict, save_config
+from ..config import DEFAULT_DAMPING, config_to_dict, save_config
 from ..data import Dataset, iter_batches, length_order
 from ..errors import ConfigError, DataError, StoreError
+from ..files import jsonable
+from ..fingerprint import fingerprint_parameters
 from ..influence import CandidateScores, Influence
 from ..model.adapter import AdapterConfig, HFClassifierAdapter
 from ..model.hf import top_layer_parameters
@@ -34,7 +36,7 @@ from ..model.predict import dataset_labels
 from ..runner import RunnerConfig, usable_cores
 from ..scores import ScoreConfig
 from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, solver_from_config
-from ..store import Store, fingerprint_parameters
+from ..store import Store
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
 from .output import describe_index, write_results
 from .recipe import LoadedModel, Recipe, find_recipe
@@ -79,7 +81,7 @@ def with_recipe_damping(config: PipelineConfig) -> PipelineConfig:
     """``config`` with ``solver.damping`` set to the recipe's damping when it is unset."""
     if config.solver.damping is not None:
         return config
-    damping = find_recipe(config.model.recipe_name).damping
+    damping = getattr(find_recipe(config.model.recipe_name), "damping", DEFAULT_DAMPING)
     return dataclasses.replace(config, solver=dataclasses.replace(config.solver, damping=damping))
 
 
@@ -112,17 +114,6 @@ def _describe_split(influence: Influence) -> dict[str, Any] | None:
     if split is None:
         return None
     return {"layers": split.layers, "first_layer": split.first, "first_token_only": split.first_token_only}
-
-
-def json_ready(value: Any) -> Any:
-    """Solver diagnostics as JSON: tensors become (nested) lists of floats."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(item) for item in value]
-    return value
 
 
 class Pipeline:
@@ -446,7 +437,7 @@ class Pipeline:
             }
             for i, query in enumerate(queries)
         ]
-        return self.report(explained, {**run, **json_ready(scored.solve.info)})
+        return self.report(explained, {**run, **jsonable(scored.solve.info)})
 
     def report(self, explained: list[dict[str, Any]], s_test: dict[str, Any]) -> dict[str, Any]:
         """The JSON-ready results of a run: semantics, model, parameters, index, s_test diagnostics and times."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, jsonable
 from .graph import Edge, InfluenceGraph, TestPoint, TrainPoint
 from .html import render_html, write_html
 from .layout import Layout, arc_layout, compute_layout, geometric_median
 from .static import plot_graph, save_figure
-from .stats import graph_statistics, json_safe
+from .stats import graph_statistics
 
 __all__ = [
     "Edge",
@@ -43,5 +43,5 @@ def write_report(
         "png": png,
         "svg": svg,
         "html": write_html(graph, out / "influence_explorer.html", layout, title),
-        "stats": atomic_write_json(out / "graph_stats.json", json_safe(graph_statistics(graph))),
+        "stats": atomic_write_json(out / "graph_stats.json", jsonable(graph_statistics(graph))),
     }

@@ -27,10 +27,10 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from ..errors import DataError
-from ..files import atomic_write_json, check_writable
+from ..files import atomic_write_json, check_writable, jsonable, read_json
 from . import write_report
 from .graph import Edge, InfluenceGraph, TestPoint, TrainPoint
-from .stats import MIN_SHARED, graph_statistics, json_safe
+from .stats import MIN_SHARED, graph_statistics
 
 RUN_FORMAT = "fastif.influence_run"
 RUN_VERSION = 1
@@ -100,7 +100,7 @@ class InfluenceRun:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the run as plain JSON, atomically."""
-        return atomic_write_json(path, json_safe(self.to_dict()))
+        return atomic_write_json(path, jsonable(self.to_dict()))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> InfluenceRun:
@@ -178,19 +178,11 @@ def load_graph_source(run_dir: str | os.PathLike[str]) -> InfluenceRun | Influen
     if (folder / GRAPH_FILE).is_file():
         return InfluenceGraph.from_json(folder / GRAPH_FILE)
     if (folder / PIPELINE_FILE).is_file():
-        return graph_from_pipeline_report(_read_json(folder / PIPELINE_FILE))
+        return graph_from_pipeline_report(read_json(folder / PIPELINE_FILE))
     raise DataError(
         f"{folder} holds none of {RUN_FILE}, {GRAPH_FILE} or {PIPELINE_FILE}; point at the output folder of "
         "'fastif run' or of an influence-graph experiment"
     )
-
-
-def _read_json(path: Path) -> Any:
-    """Parse a JSON file, raising DataError when it cannot be read."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
 
 
 def _pair_text(row: Mapping[str, Any]) -> str:
@@ -250,7 +242,7 @@ def report_run(
     paths = write_report(graph, out, title)
     if isinstance(source, InfluenceRun):
         stats = {**graph_statistics(graph), **run_statistics(source, top), "meta": source.meta}
-        paths["stats"] = atomic_write_json(out / STATS_FILE, json_safe(stats))
+        paths["stats"] = atomic_write_json(out / STATS_FILE, jsonable(stats))
     return paths
 
 

@@ -70,14 +70,3 @@ def _correlation(a: str, b: str, left: dict[int, float], right: dict[int, float]
     else:
         result["pearson"] = float(np.corrcoef(x, y)[0, 1])
     return result
-
-
-def json_safe(value: Any) -> Any:
-    """Replace NaN/inf floats by None (recursively) so statistics are written as plain, standard JSON."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -16,10 +16,11 @@ from torch import Tensor
 
 from ..config import config_to_dict
 from ..errors import DataError, ModelError, StoreError
+from ..fingerprint import fingerprint_parameters, fingerprint_tensors
 from ..hvp import Hessian
 from ..scores import ScoreConfig, choose_method, score_matrix
 from ..solvers import LiSSA, LiSSAConfig, SolveResult, solver_from_config
-from ..store import Store, fingerprint_parameters, fingerprint_tensors
+from ..store import Store
 from .config import Build, RunnerConfig
 from .group import RankGroup, dispatched
 

@@ -28,18 +28,19 @@ import os
 import re
 import shutil
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import safetensors.torch
-import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, StoreError
 from ..files import atomic_write, atomic_write_json
+from ..fingerprint import dtype_name as _dtype_name
+from ..fingerprint import file_digest as _file_digest
 
 FORMAT = "fastif-store"
 FORMAT_VERSION = 1
@@ -65,67 +66,9 @@ def _check_name(name: str) -> None:
         )
 
 
-def _dtype_name(dtype: torch.dtype | np.dtype) -> str:
-    """Short dtype name ("float32") for sidecars and fingerprints."""
-    return str(dtype).removeprefix("torch.")
-
-
 def _specs(tensors: Mapping[str, Tensor | np.ndarray]) -> list[dict[str, Any]]:
     """Key, shape and dtype of each tensor, in order, as recorded in an entry's sidecar."""
     return [{"key": key, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for key, t in tensors.items()]
-
-
-def _hash_tensor(digest: Any, name: str, tensor: Tensor) -> None:
-    """Feed a tensor's name, dtype, shape and raw bytes into ``digest`` (length-prefixed, so unambiguous)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    header = {"name": name, "dtype": _dtype_name(flat.dtype), "shape": list(tensor.shape)}
-    header["nbytes"] = flat.numel() * flat.element_size()
-    digest.update(json.dumps(header, sort_keys=True).encode("utf-8") + b"\0")
-    digest.update(flat.view(torch.uint8).numpy())
-
-
-def fingerprint_parameters(named_tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of the selected parameters; identifies a model state."""
-    digest = hashlib.sha256(b"fastif-tensors-v1\0")
-    for name in sorted(named_tensors):
-        tensor = named_tensors[name]
-        if not isinstance(tensor, Tensor):
-            raise DataError(f"cannot fingerprint {name!r}: expected a tensor, got {type(tensor).__name__}")
-        _hash_tensor(digest, name, tensor)
-    return digest.hexdigest()
-
-
-def _flatten(value: Any, path: str, out: dict[str, Tensor]) -> None:
-    """Collect the tensors of a nested tensor / dict / list / tuple under dotted paths."""
-    if isinstance(value, Tensor):
-        out[path] = value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _flatten(item, f"{path}.{key}" if path else str(key), out)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _flatten(item, f"{path}.{index}" if path else str(index), out)
-    else:
-        raise DataError(f"cannot fingerprint {path or 'value'!r}: expected tensors, got {type(value).__name__}")
-
-
-def fingerprint_tensors(tensors: Tensor | Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> str:
-    """SHA-256 of a tensor or nested dict/list/tuple of tensors (e.g. a dataset's batch); identifies the data."""
-    flat: dict[str, Tensor] = {}
-    _flatten(tensors, "", flat)
-    return fingerprint_parameters(flat)
-
-
-def fingerprint_records(records: Iterable[Any]) -> str:
-    """SHA-256 over JSON-able records (canonical JSON, one per line, in order); identifies a raw dataset."""
-    digest = hashlib.sha256(b"fastif-records-v1\0")
-    for index, record in enumerate(records):
-        try:
-            line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError) as err:
-            raise DataError(f"record {index} is not JSON: {err}; use plain dicts/lists/str/numbers") from err
-        digest.update(line.encode("utf-8") + b"\n")
-    return digest.hexdigest()
 
 
 def _canonical(value: Any, what: str, error: type[Exception]) -> Any:
@@ -142,16 +85,6 @@ def _diff(old: Any, new: Any, path: str = "config") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [line for key in keys for line in _diff(old.get(key), new.get(key), f"{path}.{key}")]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
-
-
-def _file_digest(path: str | Path) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _looks_pickled(head: bytes) -> bool:

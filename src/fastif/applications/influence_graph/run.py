@@ -13,11 +13,11 @@ import numpy as np
 from ...data import Dataset
 from ...data.views import example_text
 from ...errors import DataError
+from ...files import jsonable
 from ...influence import Influence
 from ...model.predict import dataset_labels, predict
 from ...report.from_run import InfluenceRun
 from ...report.graph import TestPoint, TrainPoint
-from ...report.stats import json_safe
 from ...store.artifacts import cached_candidate_index
 from ..common import solve_summary
 
@@ -60,7 +60,7 @@ def compute_run(
         candidates.append(scored.indices.numpy().astype(np.int64))
         scores.append(scored.scores.detach().double().cpu().numpy())
         solves[group] = solve_summary(scored.solve.info)
-    info = {**dict(meta or {}), "solves": json_safe(solves)}
+    info = {**dict(meta or {}), "solves": jsonable(solves)}
     return _collect(influence.train, tests, np.concatenate(candidates), np.concatenate(scores), info)
 
 

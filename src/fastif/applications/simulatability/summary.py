@@ -3,14 +3,13 @@ headline numbers."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...config import save_config
-from ...files import atomic_write, atomic_write_json
+from ...files import atomic_write, atomic_write_json, jsonable
 from .config import CONFIG_FILE, CORRECTNESS, FIGURE_FILE, KINDS, LABEL_MODES, RESULTS_FILE, SimulatabilityConfig
 
 
@@ -102,21 +101,10 @@ def write_simulatability(result: dict[str, Any], out_dir: str | Path, config: Si
     """Write the results JSON, the figure and the config into ``out_dir``."""
     out = Path(out_dir)
     return {
-        "results": atomic_write_json(out / RESULTS_FILE, _finite(result)),
+        "results": atomic_write_json(out / RESULTS_FILE, jsonable(result)),
         "figure": plot_simulatability(result, out / FIGURE_FILE),
         "config": save_config(config, out / CONFIG_FILE),
     }
-
-
-def _finite(value: Any) -> Any:
-    """Replace NaN/inf floats by None so the results are standard JSON."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def format_headline(result: dict[str, Any]) -> str:

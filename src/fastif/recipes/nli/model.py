@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ from tqdm.auto import tqdm
 from ...config import config_from_dict, config_to_dict, save_config
 from ...data.text import TextPairData, TextRecord, records_fingerprint
 from ...errors import ConfigError, ModelError, StoreError
-from ...files import atomic_write_json, cache_dir, check_writable
+from ...files import atomic_dir, atomic_write_json, cache_dir, check_writable
+from ...fingerprint import folder_fingerprint
 from ...model.hf import freeze_lower_layers, l2_penalty, load_classifier, load_tokenizer, quiet_transformers
 from ...model.predict import evaluate_classifier, model_inputs
 from .data import load_embedded, nli_label_scheme
@@ -187,15 +186,7 @@ def default_cache_dir() -> Path:
 def _base_model_fingerprint(base_model: str) -> str:
     """SHA-256 over the top-level files of a local checkpoint folder, or the hub name itself."""
     name = base_model_path(base_model)
-    if not Path(name).is_dir():
-        return name
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(name).iterdir() if p.is_file()):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return folder_fingerprint(name) if Path(name).is_dir() else name
 
 
 def recipe_fingerprint(config: NLITrainConfig, records: Sequence[TextRecord]) -> str:
@@ -280,23 +271,20 @@ def _train(
 
 def _save_atomically(path: Path, model: Any, tokenizer: Any, config: NLITrainConfig, metrics: dict) -> None:
     """Write model (safetensors), tokenizer, config and metrics to a temp folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         with quiet_transformers():
             model.save_pretrained(tmp)  # safetensors (the default since transformers 4.35)
             tokenizer.save_pretrained(tmp)
         save_config(config, tmp / TRAIN_CONFIG_FILE)
         atomic_write_json(tmp / METRICS_FILE, metrics)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / METRICS_FILE).is_file():
-                raise StoreError(f"cannot store the trained model at {path}; remove that folder and retry") from None
-            shutil.rmtree(tmp)  # another process stored the same result first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        atomic_dir(path, write)
+    except OSError:
+        if not (path / METRICS_FILE).is_file():
+            raise StoreError(f"cannot store the trained model at {path}; remove that folder and retry") from None
+        # another process stored the same result first
 
 
 def load_trained(path: str | os.PathLike[str]) -> TrainedModel:
