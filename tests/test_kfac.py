@@ -11,8 +11,8 @@ from torch.nn import functional
 from fastif import CG, AdapterConfig, Exact, Hessian, TensorData, TorchAdapter
 from fastif.errors import SolverError
 from fastif.grads import per_example_grads
-from fastif.kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, find_blocks
-from fastif.kfac.factors import sample_targets
+from fastif.solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, find_blocks
+from fastif.solvers.kfac.factors import sample_targets
 
 DOUBLE = torch.float64
 
@@ -39,7 +39,7 @@ def mlp_problem(n: int = 40, l2: float = 1e-2, layer_norm: bool = False, seed: i
 
 def gradient_matrices(hessian: Hessian, grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example [n, out·(in+1)] gradients of each Kronecker layer, laid out as row-major [out, in+1] (the
-    layout of fastif.kfac's eigenvalues), built from the parameter slices without the code under test."""
+    layout of fastif.solvers.kfac's eigenvalues), built from the parameter slices without the code under test."""
     layers, _ = find_blocks(hessian.adapter)
     names = hessian.adapter.space.unflatten(torch.arange(hessian.dim))
     result = {}

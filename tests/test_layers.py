@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "report", "evaluation", "recall"),  # 1 data; drawing and metrics read results only
     ("model",),  # 2 model adapters (and the frozen-bottom path)
     ("grads", "hvp", "projection"),  # 3 derivatives, projected gradients
-    ("solvers", "kfac", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
+    ("solvers", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
     ("store", "runner", "gradient_store"),  # 5 storage, parallel runs, the gradient store
     ("influence", "__init__"),  # 6 the facade and the public API
     ("pipeline", "applications"),  # 7 end to end, applications
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 CORE = (
-    "data", "model", "grads", "hvp", "projection", "solvers", "kfac", "candidates", "scores", "store", "runner",
+    "data", "model", "grads", "hvp", "projection", "solvers", "candidates", "scores", "store", "runner",
     "gradient_store", "recall", "influence",
 )  # fmt: skip
 INFLUENCE = ("influence", "solvers", "scores", "grads", "hvp", "runner", "pipeline", "applications")

@@ -4,7 +4,6 @@ from .data import Dataset, TensorData
 from .errors import FastIFError
 from .hvp import Hessian
 from .influence import CandidateScores, Influence, TopK
-from .kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, PCGConfig
 from .model.adapter import (
     AdapterConfig,
     HFClassifierAdapter,
@@ -27,6 +26,7 @@ from .solvers import (
     LiSSAConfig,
     Solver,
 )
+from .solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, PCGConfig
 
 __version__ = "0.1.0"
 

@@ -20,9 +20,9 @@ from ..errors import ConfigError
 from ..model.frozen import FrozenMode
 from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
+from ..solvers import SOLVERS
 from .recipe import find_recipe
 
-SolverMethod = Literal["lissa", "cg", "arnoldi", "exact", "identity"]
 EMBEDDED_MODEL = "embedded"
 
 
@@ -146,7 +146,7 @@ class SolverStageConfig:
     damping (each recipe says why it chose it).
     """
 
-    method: SolverMethod = "lissa"
+    method: str = "lissa"
     damping: float | None = None
     depth: int = 500
     repeats: int | None = None
@@ -161,7 +161,9 @@ class SolverStageConfig:
     hessian_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        """Refuse non-positive sizes and a negative damping."""
+        """Refuse an unknown solver, non-positive sizes and a negative damping."""
+        if self.method not in SOLVERS:
+            raise ConfigError(f"solver.method must be one of {sorted(SOLVERS)}, got {self.method!r}")
         sizes = ("depth", "batch_size", "scale_samples", "power_iterations", "max_iterations", "rank")
         bad = [name for name in sizes if getattr(self, name) < 1]
         bad += [name for name in ("repeats", "workers") if getattr(self, name) is not None and getattr(self, name) < 1]

@@ -35,7 +35,7 @@ from ..model.hf import top_layer_parameters
 from ..model.predict import dataset_labels
 from ..runner import RunnerConfig, usable_cores
 from ..scores import ScoreConfig
-from ..solvers import ArnoldiConfig, CGConfig, ExactConfig, IdentityConfig, LiSSAConfig, solver_from_config
+from ..solvers import SOLVERS, solver_from_config
 from ..store import Store
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
 from .output import describe_index, write_results
@@ -86,26 +86,12 @@ def with_recipe_damping(config: PipelineConfig) -> PipelineConfig:
 
 
 def solver_config(config: SolverStageConfig, seed: int, repeats: int) -> Any:
-    """The typed config of the solver ``config.method`` names, with the stage's settings."""
-    if config.method == "lissa":
-        return LiSSAConfig(
-            damping=config.damping,
-            scale=config.scale,
-            depth=config.depth,
-            repeats=repeats,
-            batch_size=config.batch_size,
-            seed=seed,
-            power_iterations=config.power_iterations,
-            scale_samples=config.scale_samples,
-            tail_average=config.tail_average,
-        )
-    if config.method == "cg":
-        return CGConfig(damping=config.damping, max_iterations=config.max_iterations)
-    if config.method == "arnoldi":
-        return ArnoldiConfig(damping=config.damping, rank=config.rank, seed=seed)
-    if config.method == "exact":
-        return ExactConfig(damping=config.damping)
-    return IdentityConfig()
+    """The typed config of the solver ``config.method`` names (from the registry), taking each of its fields
+    that the stage sets (damping, depth, batch size, ...), the run's seed, and LiSSA's ``repeats``."""
+    config_class = SOLVERS[config.method].config_class
+    stage = {**dataclasses.asdict(config), "seed": seed, "repeats": repeats}
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{name: value for name, value in stage.items() if name in fields})
 
 
 def _describe_split(influence: Influence) -> dict[str, Any] | None:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ..data import Batch, batch_len, map_tensors
-from ..errors import SolverError
-from ..model.adapter import HFClassifierAdapter, ModelAdapter, TorchAdapter
+from ...data import Batch, batch_len, map_tensors
+from ...errors import SolverError
+from ...model.adapter import HFClassifierAdapter, ModelAdapter, TorchAdapter
 from .layers import KroneckerLayer
 
 Likelihood = Literal["auto", "categorical", "bernoulli"]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-from ..model.adapter import ModelAdapter
+from ...model.adapter import ModelAdapter
 
 LayerKind = Literal["linear", "conv1d", "conv2d"]
 

@@ -33,10 +33,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..data import index_chunks
-from ..errors import SolverError
-from ..hvp import Hessian
-from ..solvers import Solver, SolveResult
+from ...config import DEFAULT_DAMPING
+from ...data import index_chunks
+from ...errors import SolverError
+from ...hvp import Hessian
+from ..base import Solver, SolveResult
 from .factors import Likelihood, diagonal_squares, layer_tokens, masked_tokens, resolve_likelihood, sample_targets
 from .layers import KroneckerLayer, find_blocks
 
@@ -82,7 +83,7 @@ def _covariance_keys(layer: KroneckerLayer) -> tuple[str, str, str]:
     return f"{layer.name}.A", f"{layer.name}.S", f"{layer.name}.tokens"
 
 
-class KFAC(Solver):
+class KFAC(Solver, name="kfac"):
     """K-FAC solver (see the module docstring); ``fit`` runs one factor pass over the training data."""
 
     config_class: ClassVar[type] = KFACConfig
@@ -280,7 +281,7 @@ class KFAC(Solver):
         return SolveResult(result, {"min_eigenvalue": smallest, "examples": self.examples})
 
 
-class EKFAC(KFAC):
+class EKFAC(KFAC, name="ekfac"):
     """EK-FAC solver: K-FAC's pass, eigendecomposition, then a second pass refitting the eigenvalues."""
 
     config_class: ClassVar[type] = EKFACConfig
@@ -308,13 +309,13 @@ class PCGConfig:
     ``preconditioner`` None = EK-FAC with the same damping; otherwise its config is used as given.
     """
 
-    damping: float = 0.0
+    damping: float = DEFAULT_DAMPING
     max_iterations: int = 200
     tolerance: float = 1e-8
     preconditioner: EKFACConfig | KFACConfig | None = field(default=None)
 
 
-class PCG(Solver):
+class PCG(Solver, name="pcg"):
     """Conjugate gradients preconditioned by a K-FAC or EK-FAC solve; reports iterations and the residual trace."""
 
     config_class: ClassVar[type] = PCGConfig

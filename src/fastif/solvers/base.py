@@ -1,0 +1,90 @@
+"""The solver interface: one ``fit`` / ``solve`` contract, results with diagnostics, and the registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import SolverError
+from ..hvp import Hessian
+
+REGISTRY: dict[str, type[Solver]] = {}
+"""Every registered solver by name (filled by subclassing with ``name=``)."""
+
+
+@dataclass
+class SolveResult:
+    """Solution ``x`` [k, P] of ``(H + damping·I) x = v`` and the solver's diagnostics (convergence traces)."""
+
+    x: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver(ABC):
+    """An inverse-HVP solver: ``fit`` once on a Hessian, then ``solve`` any stack of vectors [k, P].
+
+    A solver registers itself by subclassing with a name, ``class CG(Solver, name="cg")``: the pipeline, the CLI
+    and config files then know it by that name (:data:`REGISTRY`), and nothing else has to change.
+    """
+
+    config_class: ClassVar[type]
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+            REGISTRY[name] = cls
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("pass either a config or keyword options, not both")
+        self.config = config if config is not None else self.config_class(**options)
+        self.hessian: Hessian | None = None
+
+    def fit(self, hessian: Hessian) -> Solver:
+        """Prepare for solves against ``hessian`` (factorise, find eigenpairs, pick a scale); returns self."""
+        self.hessian = hessian
+        return self
+
+    def _fitted(self) -> Hessian:
+        if self.hessian is None:
+            raise SolverError(f"{type(self).__name__} is not fitted: call .fit(hessian) first")
+        return self.hessian
+
+    @abstractmethod
+    def solve(self, vectors: Tensor) -> SolveResult:
+        """Return ``(H + damping·I)⁻¹ v`` for each row of ``vectors`` ([k, P])."""
+
+
+def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) -> dict[str, Any]:
+    """Each row's relative residual ‖(H + damping·I)x − v‖ / ‖v‖ on the Hessian's fixed sample (one HVP pass).
+
+    ``relative_residual`` is the largest; ``residual_examples`` says how many training examples the sample holds.
+    """
+    matvec = getattr(hessian, "sample_matvec", hessian.matvec)  # operators without a sample: their full H
+    residual = matvec(x) + damping * x - vectors
+    norms = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
+    residuals = (residual.norm(dim=1) / norms).tolist()
+    return {
+        "relative_residual": max(residuals),
+        "relative_residuals": residuals,
+        "residual_examples": getattr(hessian, "sample_examples", hessian.num_examples),
+    }
+
+
+def _check_damping(damping: float) -> None:
+    if not damping >= 0:
+        raise SolverError(f"damping must be >= 0, got {damping}")
+
+
+def solver_from_config(config: Any) -> Solver:
+    """The solver whose config class ``config`` is an instance of (exact type first, so subclasses stay apart)."""
+    for solver in REGISTRY.values():
+        if type(config) is solver.config_class:
+            return solver(config)
+    raise SolverError(f"no solver takes a {type(config).__name__}; known: {sorted(REGISTRY)}")

@@ -1,0 +1,85 @@
+"""CG: conjugate gradients on H + damping·I with full-data Hessian-vector products."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import DEFAULT_DAMPING
+from ..errors import SolverError
+from ..hvp import Hessian
+from .base import Solver, SolveResult, _check_damping, residual_info
+
+
+@dataclass(frozen=True)
+class CGConfig:
+    """Conjugate gradients on ``H + damping·I`` with full-data HVPs; stops at relative residual ``tolerance``."""
+
+    damping: float = DEFAULT_DAMPING
+    max_iterations: int = 200
+    tolerance: float = 1e-8
+
+
+def _check_cg_residual(trace: list[float], damping: float) -> None:
+    """Stop CG at once when its residual turns NaN or Inf (a NaN compares as converged and would end it silently)."""
+    if not math.isfinite(trace[-1]):
+        raise SolverError(
+            f"CG diverged at iteration {len(trace)}: the residual is {trace[-1]}, so the Hessian-vector products are "
+            f"not finite; check the model's training loss for NaN/Inf, or increase damping (now {damping})"
+        )
+
+
+class CG(Solver, name="cg"):
+    """Conjugate gradients, vectorised over the rows of ``vectors``; reports the residual trace."""
+
+    config_class = CGConfig
+
+    def fit(self, hessian: Hessian) -> CG:
+        _check_damping(self.config.damping)
+        if self.config.max_iterations < 1:
+            raise SolverError(f"CG max_iterations must be at least 1, got {self.config.max_iterations}")
+        return super().fit(hessian)  # type: ignore[return-value]
+
+    def solve(self, vectors: Tensor) -> SolveResult:
+        hessian, config = self._fitted(), self.config
+        x = torch.zeros_like(vectors)
+        residual = vectors.clone()
+        direction = residual.clone()
+        squared = (residual * residual).sum(dim=1)
+        norms = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
+        trace: list[float] = []
+        for _ in range(config.max_iterations):
+            active = squared.sqrt() / norms > config.tolerance
+            if not bool(active.any()):
+                break
+            product = hessian.matvec(direction) + config.damping * direction
+            curvature = (direction * product).sum(dim=1)
+            if bool((curvature[active] <= 0).any()):
+                raise SolverError(
+                    "CG met non-positive curvature: H + damping·I is not positive definite; increase damping "
+                    f"(now {config.damping})"
+                )
+            step = torch.where(active, squared / torch.where(active, curvature, 1.0), 0.0)
+            x += step[:, None] * direction
+            residual -= step[:, None] * product
+            new_squared = (residual * residual).sum(dim=1)
+            direction = (
+                residual + (new_squared / squared.clamp_min(torch.finfo(vectors.dtype).tiny))[:, None] * direction
+            )
+            squared = new_squared
+            trace.append(float((squared.sqrt() / norms).max()))
+            _check_cg_residual(trace, config.damping)
+        converged = bool((squared.sqrt() / norms <= config.tolerance).all())
+        if not converged:
+            warnings.warn(
+                f"CG stopped after {config.max_iterations} iterations at relative residual {trace[-1]:.2e} > "
+                f"{config.tolerance:g}; raise max_iterations or damping",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        info = {"converged": converged, "iterations": len(trace), "residual_trace": trace}
+        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, config.damping)})

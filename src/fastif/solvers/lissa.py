@@ -1,0 +1,259 @@
+"""LiSSA: FastIF's stochastic recursion, automatic (to a target residual) or FastIF's literal setting."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import DEFAULT_DAMPING
+from ..errors import SolverError
+from ..hvp import Hessian
+from .base import Solver, SolveResult, _check_damping, residual_info
+
+FASTIF_DEPTH = 1000
+"""Steps per chain of :meth:`LiSSAConfig.from_fastif` unless given (this library's long-standing default)."""
+
+
+@dataclass(frozen=True)
+class LiSSAConfig:
+    """FastIF's stochastic recursion; ``scale=None`` picks ``scale_margin`` × the top batch-Hessian eigenvalue.
+
+    **Automatic mode** (``depth=None``, the default): chains run in attempts of doubling depth, each warm-started
+    from the last estimate, until the relative residual ‖(H + damping·I)s − v‖ / ‖v‖ on the Hessian's fixed sample
+    is at most ``target_residual`` (0.05) or the next attempt would pass ``max_steps`` (steps summed over chains
+    and attempts); then it warns and says so in the info. Unset options are chosen: ``batch_size`` starts at
+    min(n, 32) and doubles with the depth, 2 ``repeats``, ``tail_average`` 0.5; set ones are kept as given.
+
+    **Fixed mode** (``depth`` set): exactly the given recursion, unset options at FastIF's values (``batch_size``
+    1, 1 repeat, last iterate); :meth:`from_fastif` names FastIF's literal setting. Each chain ``r`` draws its
+    batches from its own seed ``(seed, r)``, so results do not depend on which worker ran which chain.
+    ``tail_average`` > 0 averages the iterates of that final fraction of steps instead of taking the last one: the
+    chain's stationary mean is the same fixed point, and averaging cuts the minibatch noise the last iterate keeps.
+    """
+
+    damping: float = DEFAULT_DAMPING
+    scale: float | None = None
+    depth: int | None = None
+    repeats: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    scale_margin: float = 1.5
+    power_iterations: int = 20
+    scale_samples: int = 8
+    tail_average: float | None = None
+    target_residual: float = 0.05
+    max_steps: int = 20_000
+
+    @property
+    def adaptive(self) -> bool:
+        """True in the automatic mode (``depth`` unset): the solve picks its depth to reach ``target_residual``."""
+        return self.depth is None
+
+    @classmethod
+    def from_fastif(cls, damp: float, scale: float, **options: Any) -> LiSSAConfig:
+        """FastIF's literal setting: its relative ``damp`` and ``scale`` (e.g. 5e-3 and 1e4), B = 1, last iterate,
+        fixed depth (default :data:`FASTIF_DEPTH`); ``options`` override any field."""
+        settings = {"depth": FASTIF_DEPTH, "batch_size": 1, "repeats": 1, "tail_average": 0.0, **options}
+        return cls(damping=damp * scale, scale=scale, **settings)
+
+
+AUTO_BATCH, AUTO_REPEATS, AUTO_TAIL, AUTO_START_DEPTH = 32, 2, 0.5, 100
+"""The automatic mode's starting batch size (capped at n), chains, tail fraction and first attempt's depth."""
+
+
+def _power_iteration(matvec, dim: int, iterations: int, generator: torch.Generator, like: Tensor) -> float:
+    """Largest-magnitude eigenvalue estimate of a symmetric operator by power iteration."""
+    vector = torch.randn(dim, generator=generator, dtype=like.dtype).to(like.device)
+    vector /= vector.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        product = matvec(vector)
+        estimate = float(vector @ product)
+        norm = product.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            break
+        vector = product / norm
+    return abs(estimate)
+
+
+def _check_lissa_config(config: LiSSAConfig) -> None:
+    _check_damping(config.damping)
+    sizes = {"depth": config.depth, "repeats": config.repeats, "batch_size": config.batch_size}
+    if any(value is not None and value <= 0 for value in sizes.values()) or config.max_steps <= 0:
+        raise SolverError("LiSSA depth, repeats, batch_size and max_steps must all be positive")
+    if config.tail_average is not None and not 0.0 <= config.tail_average < 1.0:
+        raise SolverError(f"LiSSA tail_average must lie in [0, 1), got {config.tail_average}")
+    if not config.target_residual > 0:
+        raise SolverError(f"LiSSA target_residual must be positive, got {config.target_residual}")
+
+
+class LiSSA(Solver, name="lissa"):
+    """LiSSA with a contraction-safe automatic scale, divergence detection and per-chain norm traces.
+
+    ``fit`` resolves the unset options (see :class:`LiSSAConfig`) into ``depth``, ``batch_size``, ``repeats`` and
+    ``tail_average`` attributes; in the automatic mode ``depth`` and ``batch_size`` are the first attempt's.
+    """
+
+    config_class = LiSSAConfig
+
+    def fit(self, hessian: Hessian) -> LiSSA:
+        config = self.config
+        _check_lissa_config(config)
+        super().fit(hessian)
+        auto = config.adaptive
+        self.depth = config.depth or AUTO_START_DEPTH
+        self.batch_size = config.batch_size or (min(hessian.num_examples, AUTO_BATCH) if auto else 1)
+        self.repeats = config.repeats or (AUTO_REPEATS if auto else 1)
+        self.tail_average = config.tail_average if config.tail_average is not None else (AUTO_TAIL if auto else 0.0)
+        self.top_eigenvalue: float | None = None
+        if config.scale is None:
+            self.top_eigenvalue = self._estimate_top_eigenvalue(hessian)
+            self.scale = max(config.scale_margin * (self.top_eigenvalue + config.damping), 1e-12)
+        else:
+            if config.scale <= 0:
+                raise SolverError(f"LiSSA scale must be positive, got {config.scale}")
+            self.scale = config.scale
+        return self
+
+    def _estimate_top_eigenvalue(self, hessian: Hessian) -> float:
+        """Max over a few random batches of the batch Hessian's top eigenvalue: what the recursion must contract."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        rng = np.random.default_rng((self.config.seed, 2**31))
+        estimates = []
+        for _ in range(self.config.scale_samples):
+            indices = self._draw(rng, hessian.num_examples)
+            estimates.append(
+                _power_iteration(
+                    lambda v, i=indices: hessian.batch_matvec(v, i),
+                    hessian.dim,
+                    self.config.power_iterations,
+                    generator,
+                    hessian.flat,
+                )
+            )
+        return max(estimates)
+
+    def _draw(self, rng: np.random.Generator, n: int, batch_size: int | None = None) -> list[int]:
+        """One step's batch: ``batch_size`` (default: the fitted one) distinct indices below ``n``."""
+        size = self.batch_size if batch_size is None else batch_size
+        return rng.choice(n, size=min(size, n), replace=False).tolist()
+
+    def run_chain(self, vectors: Tensor, repeat: int) -> tuple[Tensor, Tensor]:
+        """One chain (number ``repeat``) at the fitted settings: its estimate ``h / scale`` [k, P] (last iterate or
+        tail average) and its norm trace ‖h_j‖ [depth]."""
+        return self._chain(vectors, repeat, self.depth, self.batch_size, None, (self.config.seed, repeat))
+
+    def _chain(
+        self, vectors: Tensor, repeat: int, depth: int, batch_size: int, start: Tensor | None, stream: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """``depth`` steps at ``batch_size`` from ``h_0 = start`` (default ``v``), batches drawn from ``stream``."""
+        hessian = self._fitted()
+        rng = np.random.default_rng(stream)
+        decay = 1.0 - self.config.damping / self.scale
+        estimate = vectors.clone() if start is None else start.clone()
+        averaged_steps = max(1, round(self.tail_average * depth))
+        tail_sum = torch.zeros_like(vectors)
+        trace = torch.empty(depth, dtype=torch.float64)
+        for step in range(depth):
+            product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples, batch_size))
+            estimate = vectors + decay * estimate - product / self.scale
+            trace[step] = float(estimate.norm())
+            self._check_divergence(trace, step, repeat)
+            if step >= depth - averaged_steps:
+                tail_sum += estimate
+        return tail_sum / (averaged_steps * self.scale), trace
+
+    def _check_divergence(self, trace: Tensor, step: int, repeat: int) -> None:
+        """Stop when ‖h‖ is non-finite or grows geometrically (three 20-step windows each ×1.5)."""
+        norm = float(trace[step])
+        window = 20
+        growing = step >= 4 * window and all(
+            trace[step - i * window] > 1.5 * trace[step - (i + 1) * window] for i in range(3)
+        )
+        if math.isfinite(norm) and not growing:
+            return
+        eigen = "" if self.top_eigenvalue is None else f"; top batch-Hessian eigenvalue ≈ {self.top_eigenvalue:.3g}"
+        raise SolverError(
+            f"LiSSA diverged in chain {repeat} at step {step + 1} (‖h‖ = {norm:.3g}): the recursion does not "
+            f"contract. Increase scale (now {self.scale:.3g}{eigen}) or damping (now {self.config.damping:.3g}; "
+            "non-convex models need damping above minus the most negative Hessian eigenvalue)"
+        )
+
+    def solve(self, vectors: Tensor) -> SolveResult:
+        hessian = self._fitted()
+        if self.config.adaptive:
+            return self._solve_adaptive(vectors)
+        chains = [self.run_chain(vectors, repeat) for repeat in range(self.repeats)]
+        estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
+        info = self.diagnostics(torch.stack([trace for _, trace in chains]))
+        self.warn_if_unsettled(info, stacklevel=3)
+        return SolveResult(estimate, {**info, **residual_info(hessian, estimate, vectors, self.config.damping)})
+
+    def _solve_adaptive(self, vectors: Tensor) -> SolveResult:
+        """Attempts of doubling depth (and batch size, if unset), warm-started, until the residual target is met."""
+        hessian, config = self._fitted(), self.config
+        depth, batch_size, start, steps, attempts = self.depth, self.batch_size, None, 0, []
+        while True:
+            stream = len(attempts)
+            chains = [
+                self._chain(vectors, r, depth, batch_size, start, (config.seed, r, stream)) for r in range(self.repeats)
+            ]
+            estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
+            steps += self.repeats * depth
+            residual = residual_info(hessian, estimate, vectors, config.damping)
+            attempts.append(
+                {"depth": depth, "batch_size": batch_size, "relative_residual": residual["relative_residual"]}
+            )
+            settled = residual["relative_residual"] <= config.target_residual
+            if settled or steps + 2 * self.repeats * depth > config.max_steps:
+                break
+            depth, start = 2 * depth, self.scale * estimate
+            batch_size = batch_size if config.batch_size is not None else min(2 * batch_size, hessian.num_examples)
+        info = self.diagnostics(torch.stack([trace for _, trace in chains]))
+        info.update(residual, converged=settled, attempts=attempts, steps=steps, target_residual=config.target_residual)
+        if not settled:
+            warnings.warn(
+                f"LiSSA stopped at relative residual {residual['relative_residual']:.3g} > target "
+                f"{config.target_residual:g} after {steps} steps (budget max_steps={config.max_steps}; last attempt "
+                f"depth {depth}, batch {batch_size}); raise max_steps or damping, or use CG",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return SolveResult(estimate, info)
+
+    @staticmethod
+    def warn_if_unsettled(info: dict[str, Any], stacklevel: int = 2) -> None:
+        """Warn (RuntimeWarning) when :meth:`diagnostics` says the chains have not settled; shared with the runner."""
+        if not info["converged"]:
+            warnings.warn(
+                f"LiSSA has not settled: ‖h‖ still grew by {max(info['late_growth']):.0%} between the third and last "
+                "quarter of the chain. Raise depth; if the model is non-convex, raise damping above minus the most "
+                "negative Hessian eigenvalue (a slowly diverging chain looks like this too)",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+
+    def diagnostics(self, traces: Tensor) -> dict[str, Any]:
+        """Convergence summary of the chains' norm traces [repeats, depth].
+
+        ``late_growth`` compares the mean ‖h‖ over the last quarter of each chain with the third quarter: means
+        smooth out minibatch noise, and a chain that settled shows ~0 while one still growing (too short, or
+        slowly diverging on an indefinite Hessian) shows clear growth. ``converged`` = every chain below 5%.
+        """
+        quarter = max(1, traces.shape[1] // 4)
+        last = traces[:, -quarter:].mean(dim=1)
+        third = traces[:, -2 * quarter : -quarter].mean(dim=1) if traces.shape[1] >= 2 * quarter else last
+        growth = ((last - third) / third.clamp_min(1e-300)).tolist()
+        return {
+            "scale": self.scale,
+            "top_eigenvalue": self.top_eigenvalue,
+            "norm_trace": traces,
+            "late_growth": growth,
+            "converged": all(g < 0.05 for g in growth),
+        }
