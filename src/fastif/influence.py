@@ -382,7 +382,10 @@ class Influence:
         """Build (or resume) the training set's gradient store in ``folder`` on the working path, open it and use
         it for retrieval; ``options`` go to :func:`~fastif.gradient_store.build_store`. Returns its BuildReport."""
         report = build_store(self.work_adapter, self.train_view, folder, config, **options)
-        self.use_gradient_store(GradientStore.open(folder, self.work_adapter, self.train_view, config))
+        fingerprint = options.get("fingerprint")
+        self.use_gradient_store(
+            GradientStore.open(folder, self.work_adapter, self.train_view, config, fingerprint=fingerprint)
+        )
         return report
 
     def _retrieve_and_rerank(

@@ -18,6 +18,7 @@ from ..errors import FastIFError
 from .applications import add_experiment_commands, add_report_command
 from .options import EXIT_USAGE, _Parser
 from .pipeline import add_pipeline_commands
+from .store import add_store_commands
 
 EXIT_INTERRUPTED = 128  # plus the signal number, as shells report a process killed by it: 130 SIGINT, 143 SIGTERM
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_pipeline_commands(commands)
+    add_store_commands(commands)
     add_experiment_commands(commands)
     add_report_command(commands)
     return parser

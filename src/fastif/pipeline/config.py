@@ -17,6 +17,7 @@ from typing import Any, Literal
 from ..candidates import CandidateConfig
 from ..config import config_from_dict, config_to_dict
 from ..errors import ConfigError
+from ..gradient_store import GradientStoreConfig
 from ..model.frozen import FrozenMode
 from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
@@ -109,22 +110,28 @@ class CandidatesConfig:
 
     ``method``: ``"features"`` is FastIF's kNN in feature space; ``"all"`` scores every training point;
     ``"auto"`` (default) scores all of them where the frozen head reads one cached vector per example (there that
-    costs less than the kNN query) and takes ``"features"`` otherwise. Features are the input of
+    costs less than the kNN query) and takes ``"features"`` otherwise; ``"gradients"`` retrieves them from the
+    gradient store (``store``: folder, default ``<output>/gradients``; built once by ``fastif store build``) by
+    projected influence, reranks them exactly and estimates the recall of the exact top-k. Features are the input of
     ``feature_module`` at the position the model classifies from; the default, ``None``, finds the head (BERT's
     ``classifier``, GPT-2's and Llama's ``score``): for BERT the pooled [CLS] vector. Features (and predictions)
     are computed ``batch_size`` examples at a time; ``faiss`` holds the index type and its parameters.
     """
 
     count: int | None = 100
-    method: Literal["auto", "features", "all"] = "auto"
+    method: Literal["auto", "features", "all", "gradients"] = "auto"
     feature_module: str | None = None
     batch_size: int = 64
     faiss: CandidateConfig = field(default_factory=CandidateConfig)
+    store: str | None = None
+    gradients: GradientStoreConfig = field(default_factory=GradientStoreConfig)
 
     def __post_init__(self) -> None:
         """Refuse a non-positive count or batch size, or an unknown method."""
-        if self.method not in ("auto", "features", "all"):
-            raise ConfigError(f"candidates.method must be 'auto', 'features' or 'all', got {self.method!r}")
+        if self.method not in ("auto", "features", "all", "gradients"):
+            raise ConfigError(
+                f"candidates.method must be 'auto', 'features', 'all' or 'gradients', got {self.method!r}"
+            )
         if self.count is not None and self.count < 1:
             raise ConfigError(
                 f"candidates.count must be positive (or unset to score every training point), got {self.count}"

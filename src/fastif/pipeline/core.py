@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from ..data import Dataset, iter_batches, length_order
 from ..errors import ConfigError, DataError, StoreError
 from ..files import jsonable
 from ..fingerprint import fingerprint_parameters
+from ..gradient_store import BuildReport, GradientStore, ShardDone
 from ..influence import CandidateScores, Influence
 from ..model.adapter import AdapterConfig, HFClassifierAdapter
 from ..model.hf import top_layer_parameters
@@ -92,6 +93,11 @@ def solver_config(config: SolverStageConfig, seed: int, repeats: int) -> Any:
     stage = {**dataclasses.asdict(config), "seed": seed, "repeats": repeats}
     fields = {field.name for field in dataclasses.fields(config_class)}
     return config_class(**{name: value for name, value in stage.items() if name in fields})
+
+
+def _recall_json(recall: dict[str, Any]) -> dict[str, Any]:
+    """A row's recall estimates (helpful, harmful) as JSON."""
+    return {side: dataclasses.asdict(estimate) for side, estimate in recall.items()}
 
 
 def _describe_split(influence: Influence) -> dict[str, Any] | None:
@@ -323,6 +329,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ s_test
 
+    @property
+    def store_folder(self) -> Path:
+        """The gradient store's folder: ``candidates.store``, default ``<output>/gradients``."""
+        folder = self.config.candidates.store
+        return Path(folder) if folder else Path(self.config.output.folder) / "gradients"
+
+    def build_gradient_store(self, on_shard: Callable[[ShardDone], None] | None = None) -> BuildReport:
+        """Build (or resume) the training set's gradient store on the frozen path, and use it for retrieval."""
+        influence = self.influence
+        if influence.split is not None:
+            self.training_pass  # noqa: B018 (the store is built on the head, from the cached activations)
+        with self.stage("store"):
+            return influence.build_gradient_store(
+                self.store_folder, self.config.candidates.gradients, overwrite=self.config.output.overwrite,
+                on_shard=on_shard, fingerprint=self.train.fingerprint(),
+            )  # fmt: skip
+
+    def open_gradient_store(self) -> GradientStore:
+        """Open the finished gradient store (refusing one of another model, data or projection) and use it."""
+        influence = self.influence
+        if influence.split is not None:
+            self.training_pass  # noqa: B018
+        with self.stage("store"):
+            store = GradientStore.open(
+                self.store_folder, influence.work_adapter, influence.train_view, self.config.candidates.gradients,
+                fingerprint=self.train.fingerprint(),
+            )  # fmt: skip
+        influence.use_gradient_store(store)
+        return store
+
     def _workers(self) -> tuple[int, int]:
         """(worker processes, LiSSA repeats): repeats default to the number of workers."""
         stage = self.config.solver
@@ -346,15 +382,7 @@ class Pipeline:
     def prepare(self) -> list[str]:
         """Run the one-off stages now (the frozen path's training pass, the kNN index where it is used) and say in
         a line each what ran, so a command can report them before the slow part."""
-        lines, influence, method = [], self.influence, self._method()
-        if influence.split is not None:
-            info = self.training_pass
-            split, how = info["split"], "reused" if info["loaded"] else "computed"
-            cached = "the first token" if split["first_token_only"] else f"the input of layer {split['first_layer']}"
-            lines.append(
-                f"frozen path: {cached} of every training point {how} ({self.timings.get('index', 0.0):.1f} s); "
-                "gradients, HVPs and scores run on the top alone"
-            )
+        lines, method = self.prepare_frozen(), self._method()
         if method == "features":
             self.index  # noqa: B018
             lines.append(describe_index(self.index_info))
@@ -362,6 +390,19 @@ class Pipeline:
             lines.append(
                 f"candidates: all {len(self.train)} training points are scored (the frozen head reads one cached "
                 "vector per example, which costs less than the kNN query); candidates.method=features for FastIF's kNN"
+            )
+        return lines
+
+    def prepare_frozen(self) -> list[str]:
+        """The frozen path's training pass (loaded or computed), as a line for the user; none without it."""
+        lines, influence = [], self.influence
+        if influence.split is not None:
+            info = self.training_pass
+            split, how = info["split"], "reused" if info["loaded"] else "computed"
+            cached = "the first token" if split["first_token_only"] else f"the input of layer {split['first_layer']}"
+            lines.append(
+                f"frozen path: {cached} of every training point {how} ({self.timings.get('index', 0.0):.1f} s); "
+                "gradients, HVPs and scores run on the top alone"
             )
         return lines
 
@@ -387,7 +428,9 @@ class Pipeline:
         parallel = influence.parallel(RunnerConfig(backend="processes", workers=workers)) if workers > 1 else None
         with warnings.catch_warnings(record=True) as caught, parallel or contextlib.nullcontext():
             warnings.simplefilter("always")
-            result = influence.candidate_scores(test, count, self.config.scoring.group, method=method)
+            result = influence.candidate_scores(
+                test, count, self.config.scoring.group, method=method, recall_k=self.config.scoring.top_k
+            )
         for name, seconds in result.timings.items():
             self.timings[name] = self.timings.get(name, 0.0) + seconds
         return result, {**run, "warnings": [str(warning.message) for warning in caught]}
@@ -420,6 +463,7 @@ class Pipeline:
                 "candidates": int(scored.indices.shape[1]),
                 "helpful": self._rows(top.helpful_indices[i], top.helpful_scores[i]),
                 "harmful": self._rows(top.harmful_indices[i], top.harmful_scores[i]),
+                **({"recall": _recall_json(scored.recall[i])} if scored.recall else {}),
             }
             for i, query in enumerate(queries)
         ]
