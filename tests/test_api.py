@@ -32,6 +32,21 @@ def test_readme_python_example_runs():
     torch.testing.assert_close(top.helpful_scores[:, 0], namespace["scores"].max(dim=1).values)
 
 
+def test_readme_candidate_scores_example_runs(tmp_path, monkeypatch):
+    """The second API snippet (FastIF kNN, the gradient store and its recall) runs after the first one."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text().split("## Python API", 1)[1], re.S)
+    namespace: dict = {}
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    for code in blocks[:2]:
+        exec(compile(code, "README.md", "exec"), namespace)
+    exact, found = namespace["exact"], namespace["found"]
+    assert exact.indices.shape == (4, 200) and namespace["fastif_knn"].indices.shape == (4, 100)
+    assert torch.equal(exact.top_k(5).helpful_indices, namespace["top"].helpful_indices)
+    assert torch.equal(found.top_k(5).helpful_indices, namespace["top"].helpful_indices)  # the store keeps all dims
+    assert 0.95 <= found.recall[0]["helpful"].estimate <= 1.0
+
+
 def test_readme_test_command_is_what_ci_runs():
     command = re.search(r"test command, verbatim:\n\n```bash\n(.*?)\n```", README.read_text(), re.S).group(1)
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
