@@ -222,12 +222,12 @@ def test_report_command_on_own_parser(tiny_run, tmp_path: Path, capsys) -> None:
     write_run(run, tmp_path / "run")
     parser = argparse.ArgumentParser(prog="fastif")
     add_report_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", str(tmp_path / "run"), "--top", "3", "--output", str(tmp_path / "out")])
+    args = parser.parse_args(["report", str(tmp_path / "run"), "-k", "3", "--output", str(tmp_path / "out")])
     assert args.handler(args) == 0
     assert {path.name for path in (tmp_path / "out").iterdir()} == REPORT_FILES
     assert "helpful edges" in capsys.readouterr().out
-    bad = parser.parse_args(["report", str(tmp_path / "run"), "--top", "0"])
-    with pytest.raises(DataError, match="--top"):
+    bad = parser.parse_args(["report", str(tmp_path / "run"), "--top-k", "0"])
+    with pytest.raises(DataError, match="--top-k"):
         bad.handler(bad)
 
 
