@@ -159,6 +159,81 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(argv, expensive,
     assert not (tmp_path / "ok").exists()  # nothing was created on the way
 
 
+# command line, the file that marks its run finished, the expensive step it must not reach
+FINISHED = [
+    (["demo"], "influence.json", "fastif.pipeline.Pipeline"),
+    (["influence"], "influence.json", "fastif.pipeline.Pipeline"),
+    (["experiment", "correct", "--quick"], "results.json", "fastif.recipes.nli.apps.run_nli_experiment"),
+    (["experiment", "simulatability"], "simulatability.json", "fastif.recipes.nli.apps.run_nli_simulatability"),
+    (["experiment", "influence-graph"], "influence_run.json", "fastif.recipes.nli.apps.build_nli_run"),
+]
+
+
+@pytest.mark.parametrize(("argv", "finished", "expensive"), FINISHED, ids=[" ".join(case[0][:2]) for case in FINISHED])
+def test_a_finished_run_is_kept_unless_overwrite(argv, finished, expensive, tmp_path, monkeypatch, capsys):
+    (tmp_path / finished).write_text("{}")
+    monkeypatch.setattr(expensive, must_not_run)
+    assert run([*argv, "--output", str(tmp_path)]) == 2
+    error = one_line_error(capsys)
+    assert f"{tmp_path} holds a finished run ({tmp_path / finished}); pass --overwrite" in error
+    with pytest.raises(AssertionError, match="expensive step ran"):
+        run([*argv, "--output", str(tmp_path), "--overwrite"])
+
+
+def test_default_outputs_go_under_fastif_results_per_command():
+    from fastif.cli import build_parser
+    from fastif.cli.options import config_default
+    from fastif.cli.pipeline import DEMO_DEFAULTS
+
+    assert config_default("output.folder") == "fastif-results/influence"
+    assert config_default("output.folder", DEMO_DEFAULTS) == "fastif-results/demo"
+    parser = build_parser()
+    for name in ("simulatability", "influence-graph"):
+        assert parser.parse_args(["experiment", name]).output == Path("fastif-results", name)
+
+
+def help_text(argv, capsys) -> str:
+    """The help a command prints, with its line wrapping undone."""
+    with pytest.raises(SystemExit) as stop:
+        run([*argv, "--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_each_options_default_from_the_config(capsys):
+    influence = help_text(["influence"], capsys)
+    for shown in ("LiSSA steps per chain (default: 500) [solver.depth]", "(default: 5) [scoring.top_k]",
+                  "(default: fastif-results/influence) [output.folder]", "(default: mnli_test) [data.test]",
+                  "-k TOP_K, --top-k TOP_K"):  # fmt: skip
+        assert shown in influence
+    assert "(default: )" not in influence and "(default: None)" not in influence
+    assert "(default: fastif-results/demo) [output.folder]" in help_text(["demo"], capsys)
+    assert "(default: 0.0005) [model.recipe.lr]" in help_text(["train"], capsys)
+
+
+def test_example_and_report_help_list_choices_defaults_and_files(capsys):
+    example = help_text(["example"], capsys)
+    assert "--solver {exact,cg,lissa,arnoldi,identity}" in example and "-k K, --top-k K" in example
+    assert "(default: cg)" in example and "(default: breast_cancer)" in example
+    report = help_text(["report"], capsys)
+    assert all(name in report for name in ("influence_run.json", "graph.json", "influence.json", "-k TOP, --top-k"))
+
+
+def test_version_and_a_bare_fastif(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == "fastif 0.1.0"
+    assert run([]) == 2
+    printed = capsys.readouterr().out
+    assert printed.count("usage: fastif") == 1 and "fastif fastif" not in printed and "influence" in printed
+
+
+def test_a_nested_commands_error_names_its_own_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(["experiment", "correct", "--steps", "many"])
+    assert stop.value.code == 2 and "(see 'fastif experiment correct --help')" in capsys.readouterr().err
+
+
 def test_an_unwritable_model_cache_is_refused_before_training(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("a regular file, not a folder")
     monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "file"))
@@ -224,7 +299,9 @@ def test_influence_on_text_and_the_demo_reuse_one_index(tiny, tmp_path, capsys):
     text = ["--premise", "A dog runs in the park.", "--hypothesis", "An animal is outside.", "--label", "entailment"]
     assert run(["influence", *tiny_args(tiny, output), *text]) == 0
     assert "built" in capsys.readouterr().out
-    assert run(["demo", *tiny_args(tiny, output), "--correct", "1", "--wrong", "1"]) == 0
+    demo = ["demo", *tiny_args(tiny, output), "--correct", "1", "--wrong", "1"]
+    assert run(demo) == 2 and "--overwrite" in one_line_error(capsys)  # the finished run is kept
+    assert run([*demo, "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("fastif demo:") and "reused" in printed and "times:" in printed
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import tiny_bert
 
-from fastif.errors import ConfigError, DataError, SolverError, StoreError
+from fastif.errors import ConfigError, DataError, OutputError, SolverError, StoreError
 from fastif.pipeline import (
     ParameterConfig,
     Pipeline,
@@ -20,7 +20,9 @@ from fastif.pipeline import (
     run_pipeline,
     selected_parameters,
     with_overrides,
+    write_results,
 )
+from fastif.pipeline.output import describe_test
 from fastif.recipes.nli import NLI3_LABELS, load_embedded, load_minilm_tokenizer
 
 
@@ -127,6 +129,9 @@ def test_end_to_end_knn_lissa_writes_json_csv_and_config(tiny, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 * 3 and {row["kind"] for row in rows} == {"helpful", "harmful"}
     assert load_pipeline_config(paths[2]) == config
+    with pytest.raises(OutputError, match=r"holds a finished run .*--overwrite"):
+        write_results(report, config, config.output.folder)  # run_pipeline again must not replace it silently
+    assert write_results(report, with_overrides(config, {"output.overwrite": True}), config.output.folder) == paths
 
 
 def test_the_index_is_built_once_then_reused(tiny, tmp_path):
@@ -170,6 +175,8 @@ def test_text_query_without_label_is_explained_against_the_prediction(tiny, tmp_
     report = Pipeline(tiny_config(tiny, tmp_path, **settings)).explain()
     test = report["explained"][0]["test"]
     assert test["label"] == test["predicted"] and test["correct"] and test["source"].startswith("text")
+    line = describe_test(test)
+    assert f"gold {test['label']}" not in line and line.endswith("no gold label given: label = the model's prediction")
     with pytest.raises(DataError, match="label 'maybe'"):
         Pipeline(tiny_config(tiny, tmp_path, **settings, **{"scoring.label": "maybe"})).test_points()
 

@@ -26,6 +26,7 @@ from fastif.report import (
     render_html,
     write_report,
 )
+from fastif.report.layout import fan_radius
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -117,13 +118,31 @@ def test_arc_layout_one_arc_per_group() -> None:
 
 
 def test_compute_layout_weights_by_absolute_score() -> None:
-    """A training point touched once sits on its test point; a dominant |score| pulls it onto that test point."""
+    """A training point touched once, or pulled onto one test point by a dominant |score|, is fanned out next to it:
+    inside the circle at the fan radius, straight inwards when alone; its strength is its |score| over the scale."""
     tests, trains = _points(["A", "A", "B"], 2)
     edges = (Edge(0, 0, 0.5), Edge(0, 1, -3.0), Edge(1, 1, -1.0), Edge(2, 1, -1.0))
     layout = compute_layout(InfluenceGraph(tuple(tests), tuple(trains), edges))
-    np.testing.assert_allclose(layout.train["helpful"][0], layout.test[0])
-    np.testing.assert_allclose(layout.train["harmful"][1], layout.test[0], atol=1e-9)
+    radius = fan_radius(3)
+    for sign, index in (("helpful", 0), ("harmful", 1)):
+        np.testing.assert_allclose(layout.train[sign][index], (1 - radius) * layout.test[0], atol=1e-9)
     assert np.isnan(layout.train["helpful"][1]).all() and np.isnan(layout.train["harmful"][0]).all()
+    scale = np.percentile([0.5, 3.0, 1.0, 1.0], 95)
+    np.testing.assert_allclose(layout.strength["helpful"][0], 0.5 / scale)
+    np.testing.assert_allclose(layout.strength["harmful"][1], 1.0)
+    assert np.isnan(layout.strength["helpful"][1])
+
+
+def test_fan_keeps_training_points_apart() -> None:
+    """Training points that touch one test point alone get distinct places, the strongest straight inwards."""
+    tests, trains = _points(["A", "A", "A", "A"], 5)
+    edges = tuple(Edge(0, j, score) for j, score in enumerate([0.1, 0.2, 0.9, 0.3, 0.4]))
+    layout = compute_layout(InfluenceGraph(tuple(tests), tuple(trains), edges))
+    placed = layout.train["helpful"]
+    gaps = np.linalg.norm(placed[:, None] - placed[None], axis=-1)[np.triu_indices(5, 1)]
+    assert gaps.min() > 0.05
+    np.testing.assert_allclose(np.linalg.norm(placed - layout.test[0], axis=1), fan_radius(4))
+    np.testing.assert_allclose(placed[2], (1 - fan_radius(4)) * layout.test[0], atol=1e-9)
 
 
 def test_from_scores_keeps_top_k_per_sign() -> None:

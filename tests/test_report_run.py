@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_bert, token_batch
+from scipy import ndimage
 
 from fastif import AdapterConfig, HFClassifierAdapter, Identity, Influence, TensorData
 from fastif.applications.influence_graph import compute_run
@@ -125,11 +126,66 @@ def _pipeline_report() -> dict:
     }
 
 
+def _demo_report(top: int = 5) -> dict:
+    """An ``influence.json`` shaped like the demo's: four test points, ``top`` helpful and harmful rows each, every
+    training point touched by one test point only (so the old median layout hid it under that test point)."""
+
+    def row(rank: int, index: int, score: float) -> dict:
+        return {"rank": rank, "train_index": index, "id": f"mnli-{index}", "premise": f"premise {index}",
+                "hypothesis": f"hypothesis {index}", "label": "neutral", "score": score}  # fmt: skip
+
+    items = []
+    for number in range(4):
+        predicted = "entailment" if number < 2 else "neutral"
+        test = {"source": "mnli_test", "index": 10 + number, "id": f"test-{number}", "premise": "P", "hypothesis": "H",
+                "label": "entailment", "predicted": predicted, "correct": predicted == "entailment"}  # fmt: skip
+        magnitudes = [8.0 / (rank + 1) for rank in range(top)]
+        helpful = [row(r + 1, 100 * number + r, m) for r, m in enumerate(magnitudes)]
+        harmful = [row(r + 1, 100 * number + 50 + r, -m / 2) for r, m in enumerate(magnitudes)]
+        items.append({"test": test, "helpful": helpful, "harmful": harmful})
+    return {"explained": items}
+
+
+def _colour_masks(image: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixels of the helpful-edge green, the harmful-edge red (both blended with white) and the training dots' grey."""
+    r, g, b = (image[..., channel].astype(np.float64) for channel in range(3))
+    if image.dtype == np.uint8:
+        r, g, b = r / 255, g / 255, b / 255
+    return {
+        "helpful": (g - r > 0.12) & (g - b > 0.12),
+        "harmful": (r - g > 0.12) & (r - b > 0.12) & (np.abs(g - b) < 0.1),
+        "train": (np.maximum(np.maximum(r, g), b) < 0.45) & (np.ptp(np.stack([r, g, b]), axis=0) < 0.08),
+    }
+
+
+def test_static_figure_of_a_demo_report_shows_edges_and_training_points(tmp_path: Path) -> None:
+    """The report's PNG of a demo-like run draws each panel's edges in its colour and every training point visibly:
+    pixel counts inside each panel's axes (green only left, red only right, grey dots in both)."""
+    from matplotlib.image import imread
+
+    (tmp_path / "influence.json").write_text(json.dumps(_demo_report()))
+    paths = report_run(tmp_path, tmp_path / "report")
+    image = imread(paths["png"])
+    graph = graph_from_pipeline_report(_demo_report())
+    height, width = image.shape[:2]
+    left, right = image[:, : width // 2], image[:, width // 2 :]
+    masks = {"helpful": _colour_masks(left), "harmful": _colour_masks(right)}
+    for sign, other in (("helpful", "harmful"), ("harmful", "helpful")):
+        n_edges = sum((e.score > 0) == (sign == "helpful") for e in graph.edges)
+        assert masks[sign][sign].sum() > 60 * n_edges  # an edge about 0.45 units long, 1-3 px wide at 150 dpi
+        assert masks[sign][other].sum() < 0.01 * masks[sign][sign].sum()
+        dots = masks[sign]["train"][int(0.1 * height) : int(0.85 * height)]  # below the title, above the legend
+        assert dots.sum() > 15 * n_edges  # one training point per edge, each a dot of 3-8 pt
+        assert ndimage.label(dots)[1] == len(graph.train_points) // 2  # each dot apart, none under a test point
+
+
 def test_pipeline_report_becomes_a_graph(tmp_path: Path) -> None:
-    """``fastif run``'s influence.json is reported too: one source, so arcs split correct from wrong points."""
+    """``fastif influence``'s influence.json is reported too: one source, so arcs split correct from wrong points;
+    test points carry their ids and training points the CSV's ``train_id``."""
     graph = graph_from_pipeline_report(_pipeline_report())
     assert [point.group for point in graph.test_points] == ["correct", "wrong"]
-    assert [point.id for point in graph.train_points] == ["train:5", "train:7", "train:9"]
+    assert [point.id for point in graph.test_points] == ["t0", "t1"]
+    assert [point.id for point in graph.train_points] == ["m5", "m7", "m9"]
     assert sorted((e.test, e.train, e.score) for e in graph.edges) == [
         (0, 0, 2.0),
         (0, 1, -1.0),
@@ -140,6 +196,16 @@ def test_pipeline_report_becomes_a_graph(tmp_path: Path) -> None:
     assert {path.name for path in report_run(tmp_path, tmp_path / "out").values()} == REPORT_FILES
     with pytest.raises(DataError, match="malformed"):
         graph_from_pipeline_report({"explained": [{"helpful": []}]})
+
+
+def test_pipeline_report_names_a_predicted_label() -> None:
+    """A given text without --label is named by its place, and its label is shown as the model's prediction."""
+    report = _pipeline_report()
+    report["explained"][0]["test"].update(source="text (label = the model's prediction)", index=None, id=None)
+    graph = graph_from_pipeline_report(report)
+    assert [point.id for point in graph.test_points] == ["text 1", "t1"]
+    assert graph.test_points[0].gold == "entailment (the model's prediction)"
+    assert graph.test_points[1].gold == "entailment"
 
 
 def test_report_run_refuses_missing_runs(tmp_path: Path) -> None:
@@ -156,12 +222,12 @@ def test_report_command_on_own_parser(tiny_run, tmp_path: Path, capsys) -> None:
     write_run(run, tmp_path / "run")
     parser = argparse.ArgumentParser(prog="fastif")
     add_report_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", str(tmp_path / "run"), "--top", "3", "--output", str(tmp_path / "out")])
+    args = parser.parse_args(["report", str(tmp_path / "run"), "-k", "3", "--output", str(tmp_path / "out")])
     assert args.handler(args) == 0
     assert {path.name for path in (tmp_path / "out").iterdir()} == REPORT_FILES
     assert "helpful edges" in capsys.readouterr().out
-    bad = parser.parse_args(["report", str(tmp_path / "run"), "--top", "0"])
-    with pytest.raises(DataError, match="--top"):
+    bad = parser.parse_args(["report", str(tmp_path / "run"), "--top-k", "0"])
+    with pytest.raises(DataError, match="--top-k"):
         bad.handler(bad)
 
 
@@ -190,3 +256,48 @@ def test_screenshot_of_a_run_report(tiny_run, tmp_path: Path) -> None:
     html = report_run(tmp_path, top=2)["html"]
     shot = screenshot_explorer(html, tmp_path / "shot.png")
     assert shot is not None and shot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian chromium at /usr/bin/chromium")
+def test_explorer_of_a_demo_report_shows_edges_and_training_points(tmp_path: Path) -> None:
+    """In headless Chromium the explorer of a demo-like run shows its edges (green and red pixels that vanish when
+    the edges are hidden) and every training point as its own dot; a click names the test and training ids."""
+    pytest.importorskip("playwright")
+    from matplotlib.image import imread
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "influence.json").write_text(json.dumps(_demo_report()))
+    html = report_run(tmp_path, tmp_path / "report")["html"]
+    graph = graph_from_pipeline_report(_demo_report())
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            page.goto(html.as_uri())
+            box = page.locator("#graph").bounding_box()
+
+            def shot(name: str) -> dict[str, np.ndarray]:
+                """Screenshot the graph's SVG and classify its pixels."""
+                page.screenshot(path=str(tmp_path / name), clip=box)
+                return _colour_masks(imread(tmp_path / name))
+
+            full = shot("explorer.png")
+            page.eval_on_selector_all("circle.train-point", "els => els.forEach(e => e.style.visibility = 'hidden')")
+            no_train = shot("no_train.png")
+            page.eval_on_selector_all("line.edge", "els => els.forEach(e => e.style.visibility = 'hidden')")
+            bare = shot("bare.png")
+            page.eval_on_selector_all(".edge, .train-point", "els => els.forEach(e => e.style.visibility = '')")
+            page.locator('#panel-helpful circle.test-point[data-index="0"]').click(force=True)
+            details = page.locator("#details").inner_text()
+            page.screenshot(path=str(tmp_path / "clicked.png"), full_page=True)
+            print(f"explorer screenshots: {tmp_path}")
+        finally:
+            browser.close()
+    for sign in ("helpful", "harmful"):
+        n_edges = sum((e.score > 0) == (sign == "helpful") for e in graph.edges)
+        assert full[sign].sum() > 40 * n_edges and bare[sign].sum() < 0.01 * full[sign].sum()
+    dots = full["train"] & ~no_train["train"]
+    assert ndimage.label(dots)[1] == len(graph.train_points)  # one sign each, so one dot each across both panels
+    assert "Test point test-0" in details and "gold entailment" in details
+    assert all(f"id mnli-{index}" in details for index in (0, 1, 50, 51))

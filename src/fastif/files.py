@@ -135,3 +135,15 @@ def cache_root() -> Path:
 def cache_dir(kind: str = "models") -> Path:
     """The cache subfolder of one kind of artefact (``models``, ``experiments``, ...) under :func:`cache_root`."""
     return cache_root() / kind
+
+
+def check_fresh(folder: str | os.PathLike[str], finished: str, overwrite: bool, what: str = "--output") -> Path:
+    """Refuse a ``folder`` holding a finished run (its ``finished`` file) unless ``overwrite``, so running a command
+    again never silently replaces its results."""
+    done = Path(folder) / finished
+    if done.exists() and not overwrite:
+        raise OutputError(
+            f"{folder} holds a finished run ({done}); pass --overwrite (output.overwrite = true) to replace it, "
+            f"or choose another {what}"
+        )
+    return Path(folder)

@@ -25,11 +25,14 @@ EXIT_INTERRUPTED = 128  # plus the signal number, as shells report a process kil
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
+    from .. import __version__
+
     parser = _Parser(
         prog="fastif",
         description="Fast influence functions: which training examples made my model "
         "predict this? Scores: positive = helpful.",
     )
+    parser.add_argument("--version", action="version", version=f"fastif {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_pipeline_commands(commands)
     add_store_commands(commands)
@@ -79,8 +82,13 @@ def run_command(command: Callable[[], int], debug: bool = False) -> int:
 
 
 def run(argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and run the chosen subcommand; returns the exit code. A bare ``fastif`` prints the help."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     return run_command(lambda: args.handler(args), args.debug)
 
 

@@ -1,7 +1,8 @@
 """The applications' commands: ``experiment correct|augment|simulatability|influence-graph`` and ``report``.
 
 Each command registers its options in one function here and its handler runs the NLI recipe's driver
-(:mod:`fastif.recipes.nli.apps`); results go to ``--output`` (default ``fastif-results/<command>``).
+(:mod:`fastif.recipes.nli.apps`); results go to ``--output`` (default ``fastif-results/<command>``), and a folder
+that already holds a finished run is refused before any work unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ..applications.simulatability import SimulatabilityConfig, format_headline, write_simulatability
+from ..applications.simulatability.config import RESULTS_FILE as SIMULATABILITY_FILE
 from ..errors import DataError
-from ..files import check_writable
+from ..files import check_fresh, check_writable
 
 RESULTS_ROOT = Path("fastif-results")
 """Where the applications write by default: ``fastif-results/<command>`` (never the repository's benchmarks/)."""
+OVERWRITE_HELP = "replace a finished run in --output (by default it is kept and the command refuses to start)"
 
 FINETUNE_HELP = {
     "correct": "fine-tune on the model's own training points that influence chosen anchors (MNLI -> HANS)",
@@ -69,6 +72,7 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, default=None, help="results folder (default fastif-results/EXPERIMENT_TASK)"
     )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="encodings cache (default ~/.cache/fastif/experiments)"
     )
@@ -101,7 +105,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..applications.finetune.head import experiments_cache_dir
-    from ..applications.finetune.summary import markdown_table, write_results
+    from ..applications.finetune.summary import RESULTS_FILE, markdown_table, write_results
     from ..recipes.nli import apps
 
     config = experiment_config_from_args(args)
@@ -111,6 +115,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     command = "fastif " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
     cache_dir = None if args.no_cache else args.cache_dir or experiments_cache_dir()
     check_writable(output)
+    check_fresh(output, RESULTS_FILE, args.overwrite)
     if cache_dir is not None:
         check_writable(cache_dir, "--cache-dir", "pass a writable --cache-dir, or --no-cache")
     factory = getattr(args, "factory", None)  # tests inject a small model here
@@ -134,6 +139,7 @@ def _simulatability_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=None, help="kNN candidates per test point (default 160)")
     parser.add_argument("--solver", choices=("lissa", "identity"), default=None, help="inverse-HVP (default lissa)")
     parser.add_argument("--output", type=Path, default=RESULTS_ROOT / "simulatability", help="results folder")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(handler=_simulatability_command)
@@ -158,6 +164,7 @@ def _simulatability_command(args: argparse.Namespace) -> int:
 
     config = apps.nli_simulatability_config(simulatability_config_from_args(args))
     check_writable(args.output)
+    check_fresh(args.output, SIMULATABILITY_FILE, args.overwrite)
     result = apps.run_nli_simulatability(config, log=lambda message: print(message, flush=True))
     paths = write_simulatability(result, args.output, config)
     print(format_headline(result))
@@ -174,6 +181,7 @@ def _graph_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=None, help="kNN candidates per test point (default 100)")
     parser.add_argument("--select", choices=("wrong", "any"), default=None, help="test points (default: wrong)")
     parser.add_argument("--output", type=Path, default=RESULTS_ROOT / "influence-graph", help="run folder")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium screenshot")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -183,7 +191,7 @@ def _graph_options(parser: argparse.ArgumentParser) -> None:
 def _graph_command(args: argparse.Namespace) -> int:
     """CLI handler: build the run, write it and its report, and optionally a browser screenshot."""
     from ..recipes.nli import apps
-    from ..report.from_run import report_run, summary_lines, write_run
+    from ..report.from_run import RUN_FILE, report_run, summary_lines, write_run
     from ..report.screenshot import screenshot_explorer
 
     overrides: dict[str, Any] = {"seed": args.seed}
@@ -192,6 +200,7 @@ def _graph_command(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     config = replace(apps.NLIGraphConfig.quick() if args.quick else apps.NLIGraphConfig(), **overrides)
     check_writable(args.output)
+    check_fresh(args.output, RUN_FILE, args.overwrite)
     run = apps.build_nli_run(config, log=lambda message: print(message, flush=True))
     write_run(run, args.output)
     paths = report_run(args.output, args.output, config.top, "FastIF influence explorer: HANS + MNLI")
@@ -208,15 +217,26 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     """Register ``report RUN_DIR``: the figure, explorer and statistics of a finished run folder."""
     parser = subparsers.add_parser(
         "report",
-        help="write the influence-graph figure (PNG/SVG), HTML explorer and graph_stats.json of a finished run",
-        description="Reads RUN_DIR/influence_run.json (or RUN_DIR/graph.json, or a pipeline's influence.json) and "
+        help="draw a finished run (its influence_run.json, graph.json or influence.json) as a PNG/SVG figure, an "
+        "HTML explorer and graph_stats.json",
+        description="Reads the first of RUN_DIR/influence_run.json ('fastif experiment influence-graph'), "
+        "RUN_DIR/graph.json (a saved graph) and RUN_DIR/influence.json ('fastif demo' or 'fastif influence') and "
         "writes influence_graph.png/.svg, influence_explorer.html, graph.json and graph_stats.json (needs the "
         "report extra: pip install 'fastif[report]').",
     )
     parser.add_argument("run_dir", type=Path, help="folder of a finished run")
     parser.add_argument("--output", type=Path, default=None, help="where to write the report (default RUN_DIR/report)")
-    parser.add_argument("--top", type=int, default=5, help="helpful and harmful edges drawn per test point")
-    parser.add_argument("--title", default="FastIF influence explorer", help="title of the HTML page")
+    parser.add_argument(
+        "-k",
+        "--top-k",
+        dest="top",
+        type=int,
+        default=5,
+        help="helpful and harmful edges drawn per test point, of a run's candidates (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--title", default="FastIF influence explorer", help="title of the HTML page (default: %(default)s)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(handler=_report_command)
     return parser
@@ -227,7 +247,7 @@ def _report_command(args: argparse.Namespace) -> int:
     from ..report.from_run import report_run, summary_lines
 
     if args.top < 1:
-        raise DataError(f"--top must be at least 1 (edges drawn per test point and sign), got {args.top}")
+        raise DataError(f"--top-k must be at least 1 (edges drawn per test point and sign), got {args.top}")
     paths = report_run(args.run_dir, args.output, args.top, args.title)
     print("\n".join(summary_lines(json.loads(paths["stats"].read_text(encoding="utf-8")))))
     for name in ("png", "svg", "html", "stats"):

@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a one-line FastIF-style error with exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"fastif: error: {message} (see 'fastif {self.prog.split()[-1]} --help')\n")
+        self.exit(EXIT_USAGE, f"fastif: error: {message} (see '{self.prog} --help')\n")
 
 
 # ---------------------------------------------------------------------------------------------- option table
@@ -64,9 +64,13 @@ class _Option:
     choices: tuple[Any, ...] | None = None
     const: Any = None  # a flag without a value that sets the key to ``const``
 
-    def add(self, parser: argparse.ArgumentParser) -> None:
-        """Add this option to ``parser``; it stays absent from the namespace unless given."""
-        common = {"dest": KEY_PREFIX + self.key, "default": argparse.SUPPRESS, "help": f"{self.help} [{self.key}]"}
+    def add(self, parser: argparse.ArgumentParser, default: Any = None) -> None:
+        """Add this option to ``parser``; it stays absent from the namespace unless given. Its help ends with
+        ``default`` (the config's value, when it has one) and the config key it sets."""
+        unset = default is None or default == () or self.const is not None  # the help's prose says what happens
+        shown = "" if unset else f" (default: {_shown_default(default)})"
+        help_text = f"{self.help}{shown} [{self.key}]".replace("%", "%%")
+        common = {"dest": KEY_PREFIX + self.key, "default": argparse.SUPPRESS, "help": help_text}
         if self.const is not None:
             parser.add_argument(*self.flags, action="store_const", const=self.const, **common)
         else:
@@ -80,7 +84,7 @@ MODEL = (
         _Option(
             ("--model",),
             "model.model",
-            "'embedded' (default: MiniLM fine-tuned on the bundled MNLI split, trained once and cached), a "
+            "'embedded' (MiniLM fine-tuned on the bundled MNLI split, trained once and cached), a "
             "folder written by 'fastif train', a local Hugging Face sequence-classification checkpoint, or a hub "
             "name (online)",
         ),
@@ -96,7 +100,7 @@ DATA = (
             "training set: a bundled set (mnli_train, hans_train, ...), a JSONL/CSV/TSV file, or "
             "hf:NAME[:CONFIG][@SPLIT]",
         ),
-        _Option(("--test",), "data.test", "test set, as --train (default mnli_test)"),
+        _Option(("--test",), "data.test", "test set, as --train"),
         _Option(("--text-column", "--premise-column"), "data.text_column", "column of the (first) text"),
         _Option(
             ("--text-pair-column", "--hypothesis-column"),
@@ -204,12 +208,13 @@ SCORING = (
 OUTPUT = (
     "output",
     (
-        _Option(
-            ("--output",), "output.folder", "results folder (default fastif-results; the demo's fastif-results/demo)"
-        ),
+        _Option(("--output",), "output.folder", "results folder (a finished run there is kept unless --overwrite)"),
         _Option(("--index-dir",), "output.index_folder", "kNN index folder (default OUTPUT/index)"),
         _Option(
-            ("--overwrite",), "output.overwrite", "rebuild an index made for another model, data or config", const=True
+            ("--overwrite",),
+            "output.overwrite",
+            "replace a finished run in OUTPUT, and rebuild an index made for another model, data or config",
+            const=True,
         ),
         _Option(("--no-progress",), "output.progress", "hide progress bars", const=False),
     ),
@@ -246,12 +251,33 @@ TRAIN = (
 )
 
 
-def _add_options(parser: argparse.ArgumentParser, *groups: tuple[str, tuple[_Option, ...]]) -> None:
-    """Add titled option groups (the config key of each option in brackets) plus --config and --debug."""
+def _shown_default(value: Any) -> str:
+    """A config default as the command line would spell it (lists comma-separated)."""
+    return ",".join(str(item) for item in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def config_default(key: str, defaults: dict[str, Any] | None = None) -> Any:
+    """The value a dotted config key has when the command line does not set it: the subcommand's default, else
+    :class:`~fastif.pipeline.PipelineConfig`'s."""
+    from ..pipeline import PipelineConfig
+
+    if defaults and key in defaults:
+        return defaults[key]
+    value: Any = PipelineConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _add_options(
+    parser: argparse.ArgumentParser, *groups: tuple[str, tuple[_Option, ...]], defaults: dict[str, Any] | None = None
+) -> None:
+    """Add titled option groups (each help naming its default and config key) plus --config and --debug;
+    ``defaults`` are the subcommand's own config defaults (e.g. the demo's output folder)."""
     for title, options in groups:
         group = parser.add_argument_group(title)
         for option in options:
-            option.add(group)
+            option.add(group, config_default(option.key, defaults))
     parser.add_argument("--config", type=Path, default=None, help="TOML/YAML/JSON file with any of these options")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 

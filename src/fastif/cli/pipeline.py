@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..files import atomic_dir, check_writable
+from ..files import atomic_dir, check_fresh, check_writable
 from .options import (
     CANDIDATES,
     DATA,
@@ -28,6 +28,7 @@ from .options import (
 )
 
 DEMO_FOLDER = "fastif-results/demo"
+DEMO_DEFAULTS = {"output.folder": DEMO_FOLDER}
 
 
 def _example(args: argparse.Namespace) -> int:
@@ -74,9 +75,14 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
     return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
 
 
-def _check_outputs(config: Any, index: bool) -> None:
-    """Refuse an unwritable results folder (and index folder, when the index is used) before any model or index work."""
+def _check_outputs(config: Any, index: bool, results: bool = True) -> None:
+    """Refuse an unwritable results folder (and index folder, when the index is used), or one holding a finished run
+    (unless --overwrite) when ``results`` will be written, before any model or index work."""
+    from ..pipeline.output import REPORT_FILE
+
     check_writable(config.output.folder)
+    if results:
+        check_fresh(config.output.folder, REPORT_FILE, config.output.overwrite)
     if index:
         check_writable(config.output.index_path, "--index-dir")
 
@@ -110,7 +116,7 @@ def _demo(args: argparse.Namespace) -> int:
         "predicted MNLI test pairs, FastIF scores the k nearest training pairs (FAISS) with a fast LiSSA s_test.\n"
         "score > 0 = helpful (removing the pair is predicted to raise the test loss), < 0 = harmful."
     )
-    return _explain(args, {"output.folder": DEMO_FOLDER}, intro)
+    return _explain(args, DEMO_DEFAULTS, intro)
 
 
 def _influence(args: argparse.Namespace) -> int:
@@ -123,7 +129,7 @@ def _index(args: argparse.Namespace) -> int:
     from ..pipeline.output import describe_index
 
     config = _pipeline_config(args)
-    _check_outputs(config, index=True)
+    _check_outputs(config, index=True, results=False)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
     pipeline.index  # noqa: B018 - builds or loads the index
@@ -179,7 +185,9 @@ def _bench(args: argparse.Namespace) -> int:
 def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     """Register the pipeline's commands on the main parser's subcommands."""
     demo = commands.add_parser("demo", help="explain a few NLI predictions by their training pairs (offline)")
-    _add_options(demo, MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL)
+    _add_options(
+        demo, MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL, defaults=DEMO_DEFAULTS
+    )
     demo.set_defaults(handler=_demo)
 
     influence = commands.add_parser("influence", help="top helpful and harmful training examples of test examples")
@@ -197,16 +205,33 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
 
     bench = commands.add_parser("bench", help="time the main stages on the embedded MiniLM")
     _add_options(bench, PARAMETERS, CANDIDATES, SOLVER, GLOBAL)
-    bench.add_argument("--examples", type=_positive, default=256, help="training pairs to time on")
-    bench.add_argument("--steps", type=_positive, default=20, help="LiSSA steps to time")
+    bench.add_argument(
+        "--examples", type=_positive, default=256, help="training pairs to time on (default: %(default)s)"
+    )
+    bench.add_argument("--steps", type=_positive, default=20, help="LiSSA steps to time (default: %(default)s)")
     bench.add_argument("--output", type=Path, default=None, help="also write bench.json to this folder")
     bench.set_defaults(handler=_bench)
 
+    from ..recipes.tabular import TabularConfig
+    from ..solvers import SOLVERS
+
+    tabular = TabularConfig()
     example = commands.add_parser("example", help="influence on a scikit-learn dataset (logistic regression)")
-    example.add_argument("--dataset", default="breast_cancer", help="breast_cancer, digits, wine or iris")
-    example.add_argument("--solver", default="cg", help="exact, cg, lissa, arnoldi or identity")
-    example.add_argument("--k", type=int, default=5, help="helpful and harmful points to show per test point")
-    example.add_argument("--output", type=Path, default=None, help="results folder (written atomically)")
-    example.add_argument("--seed", type=int, default=0, help="random seed")
+    example.add_argument(
+        "--dataset", default=tabular.dataset, help="breast_cancer, digits, wine or iris (default: %(default)s)"
+    )
+    example.add_argument(
+        "--solver", default=tabular.solver, choices=tuple(SOLVERS), help="inverse-HVP solver (default: %(default)s)"
+    )
+    example.add_argument(
+        "-k",
+        "--top-k",
+        dest="k",
+        type=int,
+        default=tabular.k,
+        help="helpful and harmful points shown per test point (default: %(default)s)",
+    )
+    example.add_argument("--output", type=Path, default=None, help="also write the results to this folder")
+    example.add_argument("--seed", type=int, default=tabular.seed, help="random seed (default: %(default)s)")
     example.add_argument("--debug", action="store_true", help="show tracebacks")
     example.set_defaults(handler=_example)

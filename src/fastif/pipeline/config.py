@@ -217,10 +217,10 @@ class ScoringConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     """Where results go: ``folder`` gets JSON, CSV and the config; the kNN index lives in ``index_folder``
-    (default ``<folder>/index``) and is reused by later runs; ``overwrite`` replaces an index made for another
-    model, data or index config (instead of refusing it)."""
+    (default ``<folder>/index``) and is reused by later runs; ``overwrite`` replaces a finished run's results and
+    an index made for another model, data or index config (instead of refusing them)."""
 
-    folder: str = "fastif-results"
+    folder: str = "fastif-results/influence"
     index_folder: str | None = None
     overwrite: bool = False
     progress: bool = True

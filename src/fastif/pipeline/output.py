@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import save_config
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, check_fresh
 from .config import PipelineConfig
 
 REPORT_FILE = "influence.json"
@@ -66,8 +66,9 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_results(report: dict[str, Any], config: PipelineConfig, folder: str | Path) -> list[Path]:
-    """Write ``influence.json``, ``influence.csv`` and ``pipeline_config.json`` into ``folder`` (atomically)."""
-    folder = Path(folder)
+    """Write ``influence.json``, ``influence.csv`` and ``pipeline_config.json`` into ``folder`` (atomically); a
+    folder holding a finished run is refused unless ``config.output.overwrite``."""
+    folder = check_fresh(folder, REPORT_FILE, config.output.overwrite)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=csv_columns(report))
     writer.writeheader()
@@ -79,14 +80,19 @@ def write_results(report: dict[str, Any], config: PipelineConfig, folder: str | 
     ]
 
 
+PREDICTED_LABEL = "label = the model's prediction"
+"""Part of a given text's ``source`` when no gold label was given: its label is the model's own prediction."""
+
+
 def describe_test(test: dict[str, Any]) -> str:
-    """One line about a test point: where it comes from, its gold and predicted label, right or wrong."""
+    """One line about a test point: where it comes from, its gold and predicted label, right or wrong (a text given
+    without a label has no gold one: its label is the model's prediction, and the line says so)."""
     where = f"test #{test['index']}" if test.get("index") is not None else "text"
+    probability = f"(p = {test.get('probability', float('nan')):.2f})"
+    if PREDICTED_LABEL in str(test.get("source", "")):
+        return f"{where}: predicted {test.get('predicted')} {probability}; no gold label given: {PREDICTED_LABEL}"
     verdict = "correct" if test.get("correct") else "WRONG"
-    return (
-        f"{where}: gold {test.get('label')}, predicted {test.get('predicted')} "
-        f"(p = {test.get('probability', float('nan')):.2f}), {verdict}"
-    )
+    return f"{where}: gold {test.get('label')}, predicted {test.get('predicted')} {probability}, {verdict}"
 
 
 def _title(number: int, item: dict[str, Any]) -> str:

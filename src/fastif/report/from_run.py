@@ -38,6 +38,8 @@ RUN_FILE = "influence_run.json"
 GRAPH_FILE = "graph.json"
 PIPELINE_FILE = "influence.json"
 STATS_FILE = "graph_stats.json"
+PREDICTED_SOURCE = "label = the model's prediction"
+"""What the pipeline's ``source`` of a given text says when no gold label was given (``--text`` without ``--label``)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def load_graph_source(run_dir: str | os.PathLike[str]) -> InfluenceRun | Influen
         return graph_from_pipeline_report(read_json(folder / PIPELINE_FILE))
     raise DataError(
         f"{folder} holds none of {RUN_FILE}, {GRAPH_FILE} or {PIPELINE_FILE}; point at the output folder of "
-        "'fastif run' or of an influence-graph experiment"
+        "'fastif demo', 'fastif influence' or 'fastif experiment influence-graph'"
     )
 
 
@@ -191,19 +193,45 @@ def _pair_text(row: Mapping[str, Any]) -> str:
     return str(row.get("premise")) if hypothesis is None else f"{row.get('premise')} ||| {hypothesis}"
 
 
+def _test_id(number: int, test: Mapping[str, Any]) -> str:
+    """A pipeline test point's name: its id, else its test-set row, else (a given text) its place in the report."""
+    if test.get("id") is not None:
+        return str(test["id"])
+    return f"test #{test['index']}" if test.get("index") is not None else f"text {number + 1}"
+
+
+def _gold(test: Mapping[str, Any]) -> str:
+    """A test point's label, marked as the model's prediction where no gold label was given."""
+    predicted = PREDICTED_SOURCE in str(test.get("source", ""))
+    return f"{test.get('label')} (the model's prediction)" if predicted else str(test.get("label"))
+
+
 def _pipeline_test_point(number: int, item: Mapping[str, Any]) -> TestPoint:
     """The test point (or anchor group, joined) of one explained item of a pipeline report."""
     tests = item["group"] if "group" in item else [item["test"]]
-    gold, predicted = ("; ".join(str(test.get(key)) for test in tests) for key in ("label", "predicted"))
+    name = "; ".join(_test_id(number, test) for test in tests)
+    gold = "; ".join(_gold(test) for test in tests)
+    predicted = "; ".join(str(test.get("predicted")) for test in tests)
     source = str(tests[0].get("source", "test")) if "test" in item else "anchor group"
-    return TestPoint(f"query:{number}", source, " || ".join(_pair_text(t) for t in tests), gold, predicted)
+    return TestPoint(name, source, " || ".join(_pair_text(t) for t in tests), gold, predicted)
+
+
+def _all_correct(item: Mapping[str, Any]) -> bool:
+    """Whether the model predicted every test point of an explained item correctly."""
+    return all(test.get("correct") for test in (item["group"] if "group" in item else [item["test"]]))
+
+
+def _train_id(index: int, row: Mapping[str, Any]) -> str:
+    """A training point's name as the CSV's ``train_id`` gives it: the recipe's id, else its training-set row."""
+    return str(row["id"]) if row.get("id") is not None else f"train #{index}"
 
 
 def graph_from_pipeline_report(report: Any) -> InfluenceGraph:
     """An influence graph from the pipeline's ``influence.json``: each explained point and its top rows.
 
-    Test points are grouped by their source; when there is only one source they are grouped by whether the
-    model predicted them correctly (so the figure still has arcs to compare).
+    Test points are named by their ids and grouped by their source; when there is only one source they are grouped
+    by whether the model predicted them correctly (so the figure still has arcs to compare). Training points carry
+    the ids the CSV's ``train_id`` column shows.
     """
     try:
         items = report["explained"]
@@ -213,12 +241,15 @@ def graph_from_pipeline_report(report: Any) -> InfluenceGraph:
         ]
         trains = {int(row["train_index"]): row for _, row in rows}
     except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"malformed pipeline report ({error}); regenerate it with 'fastif run'") from error
+        raise DataError(f"malformed pipeline report ({error}); regenerate it with 'fastif influence'") from error
     if len({point.group for point in tests}) == 1:
-        tests = [replace(t, group="correct" if t.gold == t.predicted else "wrong") for t in tests]
+        verdicts = ("correct" if _all_correct(item) else "wrong" for item in items)
+        tests = [replace(test, group=verdict) for test, verdict in zip(tests, verdicts, strict=True)]
     order = sorted(trains)
     position = {index: i for i, index in enumerate(order)}
-    train_points = tuple(TrainPoint(f"train:{i}", _pair_text(trains[i]), str(trains[i].get("label"))) for i in order)
+    train_points = tuple(
+        TrainPoint(_train_id(i, trains[i]), _pair_text(trains[i]), str(trains[i].get("label"))) for i in order
+    )
     edges = {(number, position[int(row["train_index"])]): float(row["score"]) for number, row in rows}
     return InfluenceGraph(
         tuple(tests), train_points, tuple(Edge(t, j, score) for (t, j), score in edges.items() if score != 0)

@@ -74,7 +74,13 @@ def _payload(graph: InfluenceGraph, layout: Layout) -> dict[str, Any]:
             for p, (x, y) in zip(graph.test_points, layout.test, strict=True)
         ],
         "train": [
-            {"id": p.id, "text": p.text, "label": p.label, **{sign: _xy(layout.train[sign][i]) for sign in SIGNS}}
+            {
+                "id": p.id,
+                "text": p.text,
+                "label": p.label,
+                **{sign: _xy(layout.train[sign][i]) for sign in SIGNS},
+                "strength": {sign: _strength(layout.strength[sign][i]) for sign in SIGNS},
+            }
             for i, p in enumerate(graph.train_points)
         ],
         "edges": [[edge.test, edge.train, edge.score] for edge in graph.edges],
@@ -86,6 +92,11 @@ def _payload(graph: InfluenceGraph, layout: Layout) -> dict[str, Any]:
 def _xy(point: np.ndarray) -> list[float] | None:
     """Round a position for embedding; None where the point has no edge of that sign (NaN)."""
     return None if math.isnan(point[0]) else [round(float(point[0]), 5), round(float(point[1]), 5)]
+
+
+def _strength(value: float) -> float | None:
+    """Round a dot's relative size for embedding; None where the point has no edge of that sign (NaN)."""
+    return None if math.isnan(value) else round(float(value), 4)
 
 
 def _asset(name: str) -> str:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from ..files import atomic_write
 from .graph import InfluenceGraph
-from .layout import EDGE_COLORS, SIGNS, Layout, compute_layout, group_colors, strength_scale
+from .layout import EDGE_COLORS, SIGNS, TRAIN_COLOR, Layout, compute_layout, group_colors, strength_scale
 
 
 def plot_graph(graph: InfluenceGraph, layout: Layout | None = None) -> Figure:
@@ -31,15 +31,16 @@ def plot_graph(graph: InfluenceGraph, layout: Layout | None = None) -> Figure:
 
 
 def _draw_panel(axes: Axes, graph: InfluenceGraph, layout: Layout, sign: str, scale: float) -> None:
-    """Draw one sign's edges, the test points coloured by group, and its training points on top."""
+    """Draw one sign's edges, the test points coloured by group, and its training points (sized by |score|) on top."""
     edges = [edge for edge in graph.edges if (edge.score > 0) == (sign == "helpful")]
     strength = np.array([min(abs(edge.score) / scale, 1.0) for edge in edges])
     segments = [(layout.test[edge.test], layout.train[sign][edge.train]) for edge in edges]
-    colors = [(*to_rgb(EDGE_COLORS[sign]), 0.25 + 0.65 * s) for s in strength]
-    axes.add_collection(LineCollection(segments, colors=colors, linewidths=0.3 + 2.7 * strength, zorder=1))
+    colors = [(*to_rgb(EDGE_COLORS[sign]), 0.45 + 0.5 * s) for s in strength]
+    axes.add_collection(LineCollection(segments, colors=colors, linewidths=0.8 + 2.2 * strength, zorder=1))
     touched = sorted({edge.train for edge in edges})
     train = layout.train[sign][touched].reshape(-1, 2)
-    axes.scatter(train[:, 0], train[:, 1], s=6, color="#333333", zorder=4, label="training point")
+    sizes = 8 + 52 * layout.strength[sign][touched]
+    axes.scatter(train[:, 0], train[:, 1], s=sizes, color=TRAIN_COLOR, zorder=4, label="training point")
     for group, color in group_colors(graph.groups).items():
         index = [i for i, point in enumerate(graph.test_points) if point.group == group]
         axes.scatter(

@@ -59,17 +59,18 @@
       const [x2, y2] = project(sign, data.train[edge.train][sign]);
       const strength = Math.min(Math.abs(edge.score) / scale, 1);
       edge.node = el("line", {
-        class: "edge", x1, y1, x2, y2, stroke: EDGE_COLORS[sign], "stroke-width": 0.4 + 3.6 * strength,
-        "stroke-opacity": 0.25 + 0.6 * strength, "data-test": edge.test, "data-train": edge.train,
+        class: "edge", x1, y1, x2, y2, stroke: EDGE_COLORS[sign], "stroke-width": 1 + 3 * strength,
+        "stroke-opacity": 0.45 + 0.45 * strength, "data-test": edge.test, "data-train": edge.train,
         "data-sign": sign, "data-score": edge.score,
       }, edgeLayer);
     }
     data.train.forEach((point, index) => {
       if (!point[sign]) return;
       const [cx, cy] = project(sign, point[sign]);
-      const dot = el("circle", { class: "train-point", cx, cy, r: 2.5, "data-index": index, "data-sign": sign },
+      const r = 2.5 + 4 * point.strength[sign];
+      const dot = el("circle", { class: "train-point", cx, cy, r, "data-index": index, "data-sign": sign },
         trainLayer);
-      el("title", {}, dot).textContent = point.label + ": " + point.text;
+      el("title", {}, dot).textContent = point.id + " · " + point.label + ": " + point.text;
     });
     data.test.forEach((point, index) => {
       const [cx, cy] = project(sign, [point.x, point.y]);
