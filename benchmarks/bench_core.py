@@ -21,11 +21,11 @@ from collections.abc import Callable
 import torch
 
 from fastif import AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
-from fastif.app_utils import machine_info
 from fastif.data import iter_batches, length_order
 from fastif.data.text import TextPairData
 from fastif.files import atomic_write_json
 from fastif.recipes.nli import load_embedded, load_minilm_classifier, load_minilm_tokenizer
+from fastif.telemetry import machine_info
 
 TOP_TWO_LAYERS = ("bert.encoder.layer.4", "bert.encoder.layer.5", "bert.pooler", "classifier")
 

@@ -378,3 +378,15 @@ def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
     defaults = PipelineConfig()
     assert (defaults.candidates.count, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
     assert "100 nearest training pairs" in readme and "500 steps each" in readme
+
+
+def test_the_demo_replaces_its_own_results_when_rerun(tiny, tmp_path, monkeypatch, capsys):
+    """A second ``fastif demo`` in its default folder replaces the first demo's results (it reuses the index);
+    only a folder the user named is protected by --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    options = [arg for arg in tiny_args(tiny, tmp_path) if arg != str(tmp_path)]
+    options.remove("--output")
+    demo = ["demo", *options, "--correct", "1", "--wrong", "1"]
+    assert run(demo) == 0 and run(demo) == 0
+    assert "reused" in capsys.readouterr().out
+    assert (tmp_path / "fastif-results" / "demo" / "influence.json").is_file()

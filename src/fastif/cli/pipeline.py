@@ -89,10 +89,12 @@ def _check_outputs(config: Any, index: bool, results: bool = True) -> None:
 
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
     """Shared body of ``demo`` and ``influence``: load, index, explain, print, write."""
-    from ..pipeline import Pipeline, format_timings, print_report, write_results
+    from ..pipeline import Pipeline, format_timings, print_report, with_overrides, write_results
 
     start = time.perf_counter()
     config = _pipeline_config(args, defaults)
+    if defaults is DEMO_DEFAULTS and Path(config.output.folder) == Path(DEMO_FOLDER):
+        config = with_overrides(config, {"output.overwrite": True})  # a rerun of the demo replaces its own results
     _check_outputs(config, index=config.candidates.count is not None)
     if intro:
         print(intro)
@@ -113,7 +115,8 @@ def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, i
 def _demo(args: argparse.Namespace) -> int:
     intro = (
         "fastif demo: which training pairs made MiniLM predict this? For a few correctly and a few wrongly "
-        "predicted MNLI test pairs, FastIF scores the k nearest training pairs (FAISS) with a fast LiSSA s_test.\n"
+        "predicted MNLI test pairs, fastif scores the training pairs (on the frozen-bottom path: every pair, where "
+        "that is cheaper than FastIF's kNN) with a fast LiSSA s_test.\n"
         "score > 0 = helpful (removing the pair is predicted to raise the test loss), < 0 = harmful."
     )
     return _explain(args, DEMO_DEFAULTS, intro)
