@@ -87,7 +87,7 @@ def run_methods(problem: NLIProblem, settings: NLISettings, names: list[str]) ->
 def rows_for(results: dict[str, Found], exact: np.ndarray, settings: NLISettings) -> dict:
     """Per-method JSON rows: stages, measured and 8,000-point times, ratio to fastif kNN, quality."""
     base = results.get("fastif kNN + LiSSA + JVP")
-    scan = results.get("fastif head cache + full scan + CG")
+    scan = results.get("fastif frozen path + full scan + CG")
     rows = {}
     for name, found in results.items():
         rows[name] = {

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastif import CG, Influence, LiSSA, ScoreConfig, TorchAdapter
-from fastif.applications.finetune.head import HiddenStateData, TopLayers, encode_hidden, top_layers_adapter
+from fastif import CG, Influence, LiSSA, ScoreConfig
 from fastif.model.adapter import additive_attention_mask
 from fastif.model.predict import model_inputs
-from fastif.scores import score_matrix
 
 from .nli_setup import TRACKED_MODULES, Examples, LogitsModel, NLIProblem, fresh_model, pad_collate, tuple_loader
 
@@ -110,80 +108,58 @@ def fastif_lissa(problem: NLIProblem, settings: NLISettings) -> LiSSA:
     )
 
 
-def fastif_influence(problem: NLIProblem, settings: NLISettings) -> Influence:
-    """fastif on the HF model: fast LiSSA s_test, scores in batches of ``batch_size``."""
-    return Influence(
-        problem.adapter(), problem.train, fastif_lissa(problem, settings), ScoreConfig(batch_size=settings.batch_size)
-    )
+def fastif_influence(problem: NLIProblem, settings: NLISettings, frozen: str = "off", **options: Any) -> Influence:
+    """fastif on the HF model through the facade: fast LiSSA s_test, scores in batches of ``batch_size``;
+    ``frozen="on"`` takes the core frozen-bottom path (the cached [CLS] vector feeds pooler + classifier)."""
+    solver = options.pop("solver", None) or fastif_lissa(problem, settings)
+    score = options.pop("score", None) or ScoreConfig(batch_size=settings.batch_size)
+    return Influence(problem.adapter(), problem.train, solver, score, frozen=frozen, **options)
 
 
-def knn_pipeline(found: Found, influence: Influence, test: Any, settings: NLISettings) -> Found:
-    """FastIF's steps, each timed: FAISS index over the training features, s_test, kNN query, JVP candidate scores."""
-    with found.stage("index (features of all training points)"):
-        influence.build_index()
-    with found.stage("s_test (LiSSA)"):
-        s_test = influence.s_test(test)
-    with found.stage("kNN query"):
-        neighbours = influence.nearest(test, settings.candidates).numpy()
-    with found.stage("scores of candidates (JVP)"):
-        for i, row in enumerate(neighbours):
-            scores = score_matrix(
-                influence.adapter, influence.flat, s_test[i : i + 1], influence.train, row.tolist(),
-                influence.score_config,
-            )  # fmt: skip
-            found.scored.append(row)
-            found.scores.append(scores[0].double().numpy())
+def facade_pipeline(found: Found, influence: Influence, test: Any, settings: NLISettings, count: int | None) -> Found:
+    """One timed call of the facade's one path, ``Influence.candidate_scores`` (kNN with ``count``, else all)."""
+    if count is not None or influence.split is not None:
+        with found.stage("one-off pass (activations or features of every training point)"):
+            influence.train_features  # noqa: B018
+            if count is not None:
+                influence.build_index()
+    result = influence.candidate_scores(test, count)
+    for stage, seconds in result.timings.items():
+        found.stages[stage] = found.stages.get(stage, 0.0) + seconds
+    found.scored = list(result.indices.numpy())
+    found.scores = list(result.scores.detach().double().numpy())
     return found.finish(settings.k)
 
 
 def fastif_knn(problem: NLIProblem, settings: NLISettings) -> Found:
     """FastIF's pipeline on the whole model: FAISS index over the classifier's input, LiSSA, JVP of K candidates."""
-    return knn_pipeline(Found("fastif kNN + LiSSA + JVP"), fastif_influence(problem, settings), problem.test, settings)
+    influence = fastif_influence(problem, settings)
+    return facade_pipeline(Found("fastif kNN + LiSSA + JVP"), influence, problem.test, settings, settings.candidates)
 
 
 def fastif_full(problem: NLIProblem, settings: NLISettings) -> Found:
     """fastif without kNN: the same s_test, then per-example gradients of every training point (one pass)."""
-    found = Found("fastif full scan + LiSSA", scaling_stages=("scores of all points (per-example gradients)",))
-    influence = fastif_influence(problem, settings)
-    with found.stage("s_test (LiSSA)"):
-        s_test = influence.s_test(problem.test)
-    with found.stage("scores of all points (per-example gradients)"):
-        matrix = score_matrix(
-            influence.adapter, influence.flat, s_test, problem.train, None, ScoreConfig("grad", settings.batch_size)
-        )
-    found.scored, found.scores = full_rows(matrix, np.arange(len(problem.train)))
-    return found.finish(settings.k)
-
-
-def cached_head(problem: NLIProblem) -> tuple[TorchAdapter, HiddenStateData, HiddenStateData]:
-    """fastif's frozen-bottom cache: one no-grad forward gives every example's final [CLS] vector; the pooler and
-    classifier (the influence parameters, shared with the model) then run on it alone."""
-    top = TopLayers(problem.model, 0)
-    train = encode_hidden(problem.model, problem.train, top.first, cls_only=True)
-    test = encode_hidden(problem.model, problem.test, top.first, cls_only=True)
-    return top_layers_adapter(top, problem.l2), train, test
+    found = Found("fastif full scan + LiSSA", scaling_stages=("scores",))
+    influence = fastif_influence(problem, settings, score=ScoreConfig("grad", settings.batch_size))
+    return facade_pipeline(found, influence, problem.test, settings, None)
 
 
 def fastif_head_knn(problem: NLIProblem, settings: NLISettings) -> Found:
-    """FastIF's pipeline on the cached head: kNN over the pooled features, batch-1 LiSSA, JVP candidate scores."""
-    found = Found("fastif head cache + kNN + LiSSA")
-    with found.stage("frozen bottom (one forward of every training and test point)"):
-        adapter, train, test = cached_head(problem)
-    influence = Influence(adapter, train, fastif_lissa(problem, settings), ScoreConfig(batch_size=settings.batch_size))
-    return knn_pipeline(found, influence, test, settings)
+    """FastIF's pipeline on the core frozen path: kNN over the pooled features, batch-1 LiSSA, JVP candidate
+    scores, all on the cached [CLS] vectors."""
+    influence = fastif_influence(problem, settings, frozen="on")
+    found = Found("fastif frozen path + kNN + LiSSA")
+    return facade_pipeline(found, influence, problem.test, settings, settings.candidates)
 
 
 def fastif_head_full(problem: NLIProblem, settings: NLISettings) -> Found:
-    """No kNN, no stochastic solver: CG on the cached head's full Hessian, then every training point's score."""
-    found = Found("fastif head cache + full scan + CG")
-    with found.stage("frozen bottom (one forward of every training and test point)"):
-        adapter, train, test = cached_head(problem)
+    """No kNN, no stochastic solver: CG on the frozen head's full Hessian, then every training point's score."""
     solver = CG(damping=problem.spec.damping, tolerance=1e-6, max_iterations=200)
-    influence = Influence(adapter, train, solver, ScoreConfig("grad", 1024, 256), hessian_batch_size=len(train))
-    with found.stage("s_test (CG) and scores of all points"):
-        matrix = influence.scores(test)
-    found.scored, found.scores = full_rows(matrix, np.arange(len(problem.train)))
-    return found.finish(settings.k)
+    influence = fastif_influence(
+        problem, settings, frozen="on", solver=solver, score=ScoreConfig("grad", 1024, 256),
+        hessian_batch_size=len(problem.train),
+    )  # fmt: skip
+    return facade_pipeline(Found("fastif frozen path + full scan + CG"), influence, problem.test, settings, None)
 
 
 # ---------------------------------------------------------------------------------------------- kronfluence
@@ -383,8 +359,8 @@ def dattri_method(kind: str, label: str) -> Callable[[NLIProblem, NLISettings], 
 
 RUNNERS: dict[str, Callable[[NLIProblem, NLISettings], Found]] = {
     "fastif kNN + LiSSA + JVP": fastif_knn,
-    "fastif head cache + kNN + LiSSA": fastif_head_knn,
-    "fastif head cache + full scan + CG": fastif_head_full,
+    "fastif frozen path + kNN + LiSSA": fastif_head_knn,
+    "fastif frozen path + full scan + CG": fastif_head_full,
     "kronfluence EK-FAC": kronfluence_ekfac,
     "fastif full scan + LiSSA": fastif_full,
     "captum TracInCP": captum_tracincp,

@@ -180,8 +180,9 @@ def exact_reference(problem: NLIProblem) -> dict[str, Any]:
         ScoreConfig(method="grad", batch_size=1024, chunk_size=256),
         hessian_batch_size=n,
     )
-    scores = influence.scores(test)
-    return {"scores": scores.numpy(), "cg": {k: v for k, v in influence.last_solve.items() if k != "residual_trace"}}
+    result = influence.candidate_scores(test)
+    info = {k: v for k, v in result.solve.info.items() if not isinstance(v, list | torch.Tensor)}
+    return {"scores": result.scores.numpy(), "cg": info}
 
 
 def check_head_equivalence(problem: NLIProblem, count: int = 4) -> float:
