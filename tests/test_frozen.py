@@ -10,7 +10,7 @@ import transformers
 
 from fastif import CG, AdapterConfig, Exact, HFClassifierAdapter, Influence
 from fastif.errors import ModelError
-from fastif.model.frozen import Split, encode_prefix, find_split
+from fastif.model.frozen import encode_prefix, find_split
 from fastif.scores import ScoreConfig
 
 VOCAB, HIDDEN, LAYERS, LABELS = 40, 8, 3, 3
@@ -120,7 +120,10 @@ def test_first_token_head_caches_one_row_per_example() -> None:
     """With only BERT's pooler and classifier selected, the cache holds the [CLS] vector alone."""
     adapter = _adapter("bert", 0)
     split = find_split(adapter)
-    assert split == Split("bert.embeddings", "bert.encoder.layer", LAYERS, LAYERS, True)
+    assert split is not None and split.last_layer is None and split.head is not None  # the head runs alone
+    assert (split.entry, split.layers, split.first, split.num_layers, split.first_token_only) == (
+        "bert.embeddings", "bert.encoder.layer", LAYERS, LAYERS, True
+    )  # fmt: skip
     encoded = encode_prefix(adapter, TokenData(10, 3), split, batch_size=4)
     assert encoded.data.sizes == [1] * 10 and encoded.features.shape == (10, HIDDEN)
 
@@ -243,3 +246,19 @@ def test_store_cache_skips_the_pass_on_a_later_run(tmp_path) -> None:
         handle.remove()
     assert torch.equal(first.indices, second.indices)
     torch.testing.assert_close(first.scores, second.scores, rtol=1e-12, atol=0.0)
+
+
+def test_a_first_token_classifier_runs_its_head_alone() -> None:
+    """With only pooler + classifier selected, a loss on the frozen path runs no embedding or layer module."""
+    adapter = _adapter("bert", 0)
+    influence = Influence(adapter, TokenData(6, 15), frozen="on")
+    head, calls = influence.work_adapter, []
+    handles = [adapter.model.bert.embeddings.register_forward_hook(lambda *_: calls.append("embeddings"))]
+    handles.append(adapter.model.bert.encoder.layer[0].register_forward_hook(lambda *_: calls.append("layer")))
+    try:
+        losses = head.per_example_loss(influence.flat, head.to_device(influence.train_view.batch([0, 1, 2])))
+    finally:
+        for handle in handles:
+            handle.remove()
+    full = adapter.per_example_loss(influence.flat, adapter.to_device(TokenData(6, 15).batch([0, 1, 2])))
+    assert calls == [] and torch.allclose(losses, full, rtol=1e-10, atol=1e-12)

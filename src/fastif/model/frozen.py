@@ -48,6 +48,9 @@ class Splitter:
     ``first_token_layer(layer, hidden, mask)``, where given, computes a last layer's output at position 0 only
     ([B, 1, H]: its query and feed-forward for that position; keys and values for all): the same numbers as the
     full layer at that position, for about 1/T of its cost beyond the key/value projections.
+    ``classifier_head(model, hidden)``, where given, is a ``*ForSequenceClassification`` model's own head on the
+    last layer's output (pooler, dropout, classifier): with no trainable layer the frozen path calls it alone,
+    not the whole forward with every layer passed through.
     """
 
     registry: ClassVar[dict[str, type[Splitter]]] = {}
@@ -56,6 +59,7 @@ class Splitter:
     bottom: ClassVar[tuple[str, ...]]
     first_token_head: ClassVar[bool] = False
     first_token_layer: ClassVar[Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None] = None
+    classifier_head: ClassVar[Callable[[nn.Module, Tensor], Tensor] | None] = None
 
     def __init_subclass__(cls, model_types: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -80,17 +84,40 @@ def bert_first_token_layer(layer: nn.Module, hidden: Tensor, mask: Tensor | None
     return layer.output(layer.intermediate(attended), attended)
 
 
-class BertFamilySplitter(Splitter, model_types=("bert", "roberta")):
-    """BERT and RoBERTa: ``embeddings`` then ``encoder.layer``; pooler / classification head read [CLS]."""
+def _bert_head(model: nn.Module, hidden: Tensor) -> Tensor:
+    """BertForSequenceClassification's head: pooler ([CLS], dense, tanh), dropout, classifier."""
+    return model.classifier(model.dropout(model.base_model.pooler(hidden)))
+
+
+def _roberta_head(model: nn.Module, hidden: Tensor) -> Tensor:
+    """RobertaForSequenceClassification's head (it reads [CLS] itself)."""
+    return model.classifier(hidden)
+
+
+def _distilbert_head(model: nn.Module, hidden: Tensor) -> Tensor:
+    """DistilBertForSequenceClassification's head: [CLS], pre_classifier, ReLU, dropout, classifier."""
+    return model.classifier(model.dropout(nn.functional.relu(model.pre_classifier(hidden[:, 0]))))
+
+
+class BertSplitter(Splitter, model_types=("bert",)):
+    """BERT: ``embeddings`` then ``encoder.layer``; the pooler reads [CLS]."""
 
     entry, layers, bottom, first_token_head = "embeddings", "encoder.layer", ("embeddings",), True
     first_token_layer = staticmethod(bert_first_token_layer)
+    classifier_head = staticmethod(_bert_head)
+
+
+class RobertaSplitter(BertSplitter, model_types=("roberta",)):
+    """RoBERTa: BERT's stack; its classification head reads [CLS] (no pooler)."""
+
+    classifier_head = staticmethod(_roberta_head)
 
 
 class DistilBertSplitter(Splitter, model_types=("distilbert",)):
     """DistilBERT: ``embeddings`` then ``transformer.layer``; ``pre_classifier`` reads [CLS]."""
 
     entry, layers, bottom, first_token_head = "embeddings", "transformer.layer", ("embeddings",), True
+    classifier_head = staticmethod(_distilbert_head)
 
 
 class GPT2Splitter(Splitter, model_types=("gpt2",)):
@@ -116,6 +143,7 @@ class Split:
     num_layers: int
     first_token_only: bool
     last_layer: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None
+    head: Callable[[nn.Module, Tensor], Tensor] | None = None
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -157,7 +185,9 @@ def find_split(adapter: ModelAdapter, mode: FrozenMode = "auto") -> Split | None
         return None
     first_token = splitter.first_token_head and first == len(layers)
     last_layer = splitter.first_token_layer if splitter.first_token_head and first < len(layers) else None
-    return Split(full["entry"], full["layers"], first, len(layers), first_token, last_layer)
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    head = splitter.classifier_head if first_token and classifier else None
+    return Split(full["entry"], full["layers"], first, len(layers), first_token, last_layer, head)
 
 
 class _PassThrough(nn.Module):
@@ -184,6 +214,17 @@ def _first_token_forward(
     return compute(layer, hidden_states, attention_mask)
 
 
+class _Head(nn.Module):
+    """Runs a splitter's ``classifier_head`` on the model's own modules (parameter names ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, head: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.head(self.model, hidden)
+
+
 class FrozenAdapter(ModelAdapter):
     """``base`` on cached bottom activations: same model, selection, L2 mask and loss; batches are
     ``{"batch": base batch, "hidden": [B, T, H]}`` from :class:`ActivationData`."""
@@ -194,6 +235,7 @@ class FrozenAdapter(ModelAdapter):
         self._entry = base.model.get_submodule(split.entry)
         self._layers = base.model.get_submodule(split.layers)
         self._pass = [_PassThrough(layer_returns_tuple) for _ in range(split.first)]
+        self._head = None if split.head is None else _Head(base.model, split.head)
 
     @contextlib.contextmanager
     def _injected(self, hidden: Tensor) -> Iterator[None]:
@@ -214,10 +256,15 @@ class FrozenAdapter(ModelAdapter):
             last.__dict__.pop("forward", None)
 
     def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        if self._head is not None:
+            return self.base.loss_from_outputs(self._outputs(params, batch), batch["batch"])
         with self._injected(batch["hidden"]):
             return self.base._loss(params, batch["batch"])
 
     def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Any:
+        if self._head is not None:  # the model's own head on the cached [CLS] vector, no other module runs
+            named = {f"model.{name}": value for name, value in params.items()}
+            return torch.func.functional_call(self._head, named, (batch["hidden"],))
         with self._injected(batch["hidden"]):
             return self.base._outputs(params, batch["batch"])
 
