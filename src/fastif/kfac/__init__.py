@@ -2,6 +2,7 @@
 
 from .layers import KroneckerLayer, find_blocks
 from .solvers import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, KroneckerBlock, PCGConfig
+from .storage import factor_store
 
 __all__ = [
     "EKFAC",
@@ -12,5 +13,6 @@ __all__ = [
     "KroneckerBlock",
     "KroneckerLayer",
     "PCGConfig",
+    "factor_store",
     "find_blocks",
 ]
