@@ -15,7 +15,9 @@ from fastif.frozen import FrozenAdapter
 from fastif.grads import per_example_grads
 from fastif.kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, find_blocks
 from fastif.kfac.factors import sample_targets
+from fastif.kfac.ranks import FactorRanks
 from fastif.kfac.storage import factor_store
+from fastif.runner import Problem, RunnerConfig
 from fastif.store import Store
 
 DOUBLE = torch.float64
@@ -476,3 +478,14 @@ def test_frozen_bert_factors_count_unpadded_tokens(bert_adapter):
     layer = "bert.encoder.layer.1."
     assert int(factors[layer + "attention.self.key.tokens"]) == int(batch["attention_mask"].sum())
     assert int(factors[layer + "attention.self.query.tokens"]) == int(factors[layer + "output.dense.tokens"]) == 16
+
+
+def test_two_local_processes_fit_the_factors_of_one_pass():
+    """FactorRanks over 2 local processes (each summing every other example, all-reduced) = one process's fit."""
+    hessian = mlp_problem(layer_norm=True)
+    config = EKFACConfig(damping=1e-3, fisher="true", seed=4)
+    local = RunnerConfig(backend="processes", workers=2, threads=1)
+    with FactorRanks(lambda _device: Problem(hessian.adapter, hessian.data, 16), local) as ranks:
+        assert ranks.world_size == 2
+        fitted = ranks.fit(config)
+    assert_same_fit(EKFAC(config).fit(hessian), fitted, hessian)
