@@ -453,9 +453,10 @@ def tiny_gpt2_adapter() -> HFClassifierAdapter:
     return HFClassifierAdapter(model, AdapterConfig(include=include, l2=0.0))
 
 
-def test_frozen_path_factors_equal_the_full_models():
+def test_frozen_path_factors_equal_the_full_models(tmp_path):
     """On the frozen path the solver sees the head (FrozenAdapter) and hooks the model's own Conv1D / Linear
-    modules; with padding masked inside the cached batches, factors and scores equal the full model's."""
+    modules; with padding masked inside the cached batches, factors and scores equal the full model's, and a
+    sharded fit into a store on the cached activations equals them too."""
     adapter, train, test = tiny_gpt2_adapter(), TensorData(token_batch(20)), TensorData(token_batch(3, seed=1))
     runs = {}
     for frozen in ("on", "off"):
@@ -466,6 +467,9 @@ def test_frozen_path_factors_equal_the_full_models():
     assert [layer.kind for layer in on.layers] == ["conv1d"] * 4 + ["linear"]
     assert_same_fit(off, on, hessian)
     torch.testing.assert_close(on_scores, off_scores, rtol=1e-9, atol=1e-12)
+    solver = EKFAC(damping=1e-3, fisher="true")
+    with factor_store(tmp_path, solver, hessian) as store:
+        assert_same_fit(on, solver.fit(hessian, store=store, shard_size=8), hessian)
 
 
 def test_frozen_bert_factors_count_unpadded_tokens(bert_adapter):

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..config import config_to_dict
 from ..errors import StoreError
+from ..frozen import ActivationData
 from ..gradient_store import data_fingerprint
 from ..hvp import Hessian
 from ..store import Store, fingerprint_parameters
@@ -39,6 +40,12 @@ def model_identity(hessian: Hessian) -> str:
     return fingerprint_parameters({**hessian.adapter.model.state_dict(), "fastif.flat": hessian.flat})
 
 
+def data_identity(hessian: Hessian) -> str:
+    """The training data's fingerprint; on the frozen path its base dataset's (the activations follow from it)."""
+    data = hessian.data
+    return data_fingerprint(data.base if isinstance(data, ActivationData) else data)
+
+
 def solver_identity(solver: KFAC) -> dict[str, Any]:
     """The solver class and config (JSON-ready): what the stored factors depend on besides model and data."""
     return {"solver": type(solver).__name__, "config": config_to_dict(solver.config)}
@@ -50,7 +57,7 @@ def factor_store(folder: str | os.PathLike[str], solver: KFAC, hessian: Hessian,
     return Store.open(
         folder,
         model_fingerprint=model_identity(hessian),
-        data_fingerprint=data_fingerprint(hessian.data),
+        data_fingerprint=data_identity(hessian),
         config={"factors": {**solver_identity(solver), "selection": selection}},
         overwrite=overwrite,
     )
@@ -60,7 +67,7 @@ def _digest(solver: KFAC, hessian: Hessian) -> str:
     """One digest of model, data, selection and solver config, stamped on every entry this fit writes."""
     identity = {
         "model": model_identity(hessian),
-        "data": data_fingerprint(hessian.data),
+        "data": data_identity(hessian),
         "selection": list(hessian.adapter.space.names),
         **solver_identity(solver),
     }
