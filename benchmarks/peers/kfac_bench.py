@@ -8,7 +8,13 @@ Quality is the LDS (dattri's protocol: ``--lds`` random 50% subsets, each retrai
 with fastif's Exact scores. PCG (EK-FAC preconditioner) and CG solve the same test gradients to the same relative
 residual; the iteration counts are reported.
 
+With ``--nli-train N``: the MiniLM NLI classifier of ``nli_setup`` (pooler + classifier, damping 0.3) on its first N
+training pairs; fastif's EK-FAC on the frozen path (one no-grad forward of the bottom, then everything on the head)
+against kronfluence's EK-FAC (``nli_methods``), both timed from the trained model to every pair's score; quality is
+the recall of the exact top-10 helpful and harmful points (exact: CG to relative residual 1e-8, untimed).
+
     python -m benchmarks.peers.kfac_bench --repeats 3
+    python -m benchmarks.peers.kfac_bench --models --nli-train 2000 --name kfac_nli
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastif import CG, AdapterConfig, Exact, Hessian, HFClassifierAdapter, Influence, ScoreConfig, Solver
+from fastif import CG, Exact, Hessian, Influence, ScoreConfig, Solver
 from fastif.evaluation import score_correlation
 from fastif.kfac import EKFAC, KFAC, PCG, EKFACConfig
 
@@ -37,8 +43,8 @@ from .digits_bench import LDSCache
 from .digits_problems import DigitsProblem, DigitsSpec, build_problem
 from .methods import Settings, kronfluence_method
 from .nli_bench import quality as nli_quality
-from .nli_methods import Found, NLISettings, full_rows, kronfluence_ekfac, random_subset
-from .nli_setup import L2_EXCLUDE, NLIProblem, NLISpec, exact_reference
+from .nli_methods import Found, NLISettings, full_rows, kronfluence_ekfac
+from .nli_setup import NLIProblem, NLISpec
 from .nli_setup import build_problem as build_nli_problem
 
 DAMPING = {"logreg": 0.0, "mlp": 1e-3}
@@ -146,12 +152,20 @@ def nli_fastif(problem: NLIProblem, settings: NLISettings) -> Found:
     return found.finish(settings.k)
 
 
+def nli_exact(problem: NLIProblem) -> np.ndarray:
+    """Exact scores [n_test, n_train] on the frozen path: CG on the full Hessian to relative residual 1e-8."""
+    solver = CG(damping=problem.spec.damping, max_iterations=500, tolerance=1e-8)
+    score = ScoreConfig(method="grad", batch_size=256, chunk_size=256)
+    influence = Influence(problem.adapter(), problem.train, solver, score, len(problem.train))
+    return influence.scores(problem.test).double().numpy()
+
+
 def nli(args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved fastif / kronfluence EK-FAC on MiniLM NLI (pooler + classifier), recall of the exact top-10."""
     problem = build_nli_problem(NLISpec(n_train=args.nli_train))
     settings = NLISettings()
     log(f"nli: {len(problem.train)} training pairs, {len(problem.test)} test pairs, shift {problem.shift}")
-    exact = exact_reference(problem)["scores"]
+    exact = nli_exact(problem)
     runners = {
         "fastif EK-FAC": lambda: nli_fastif(problem, settings),
         "kronfluence EK-FAC": lambda: kronfluence_ekfac(problem, settings),
@@ -173,31 +187,6 @@ def nli(args: argparse.Namespace) -> dict[str, Any]:
     }
     log(f"  {verdict}")
     return {"spec": vars(problem.spec), "methods": rows, **verdict}
-
-
-TOP_TWO = ("bert.encoder.layer.4", "bert.encoder.layer.5", "bert.pooler", "classifier")
-
-
-def minilm_iterations(args: argparse.Namespace) -> dict[str, Any]:
-    """CG and PCG on MiniLM's top two layers + head (the frozen path), over a random training subset."""
-    problem = build_nli_problem(NLISpec(n_train=args.nli_train or 8000))
-    adapter = HFClassifierAdapter(problem.model, AdapterConfig(include=TOP_TWO, l2=problem.l2, l2_exclude=L2_EXCLUDE))
-    train = problem.train.subset(random_subset(problem, args.minilm_pcg).tolist())
-    influence = Influence(adapter, train, CG(), hessian_batch_size=32)
-    hessian = influence.hessian
-    vectors = influence.test_grads(problem.test)[:1]
-    damping, tolerance = problem.spec.damping, args.minilm_tolerance
-    log(f"minilm top two layers: P={hessian.dim}, {len(train)} training pairs, damping {damping}")
-    solvers = {
-        "CG": CG(damping=damping, max_iterations=args.max_iterations, tolerance=tolerance),
-        "PCG (EK-FAC)": PCG(
-            damping=damping,
-            max_iterations=args.max_iterations,
-            tolerance=tolerance,
-            preconditioner=EKFACConfig(damping=damping),
-        ),
-    }
-    return compare_iterations(solvers, hessian, vectors, "minilm")
 
 
 def nli_table(result: dict[str, Any]) -> str:
@@ -262,8 +251,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=["logreg", "mlp"], choices=["logreg", "mlp"])
     parser.add_argument("--nli-train", type=int, default=0, help="MiniLM NLI training pairs (0: skip NLI)")
-    parser.add_argument("--minilm-pcg", type=int, default=0, help="training pairs for PCG on MiniLM (0: skip)")
-    parser.add_argument("--minilm-tolerance", type=float, default=1e-4, help="relative residual on MiniLM (float32)")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--lds", type=int, default=50, help="random 50%% subsets retrained for LDS")
@@ -292,8 +279,6 @@ def main(argv: list[str] | None = None) -> None:
         results["iterations"][kind] = iterations(spec, args)
     if args.nli_train:
         results["nli"] = nli(args)
-    if args.minilm_pcg:
-        results["iterations"]["minilm top two layers"] = minilm_iterations(args)
     payload = {
         "command": "python -m benchmarks.peers.kfac_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "uptime_before": started,
