@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from helpers import token_batch
 from torch import nn
 from torch.nn import functional
 
-from fastif import CG, AdapterConfig, Exact, Hessian, TensorData, TorchAdapter
-from fastif.errors import SolverError
+from fastif import CG, AdapterConfig, Exact, Hessian, HFClassifierAdapter, Influence, TensorData, TorchAdapter
+from fastif.errors import SolverError, StoreError
 from fastif.grads import per_example_grads
+from fastif.model.frozen import FrozenAdapter
+from fastif.runner import Problem, RunnerConfig
+from fastif.runner.kfac import FactorRanks
 from fastif.solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, find_blocks
 from fastif.solvers.kfac.factors import sample_targets
+from fastif.store import Store
+from fastif.store.kfac import factor_store, fit_stored
 
 DOUBLE = torch.float64
 
@@ -338,3 +344,152 @@ def test_pcg_matches_cg_on_tiny_bert_top_layer(bert_adapter):
     pcg = PCG(damping=1.0, tolerance=1e-6).fit(hessian).solve(vectors)
     assert pcg.info["converged"]
     assert float((pcg.x - cg.x).norm() / cg.x.norm()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- store and ranks
+
+
+def stored_solver() -> EKFAC:
+    return EKFAC(damping=1e-3, fisher="true", seed=2)
+
+
+def assert_same_fit(first: KFAC, second: KFAC, hessian: Hessian, rtol: float = 1e-10) -> None:
+    """Same eigenvalues, damping, diagonals and solves."""
+    for name, block in first.blocks.items():
+        torch.testing.assert_close(second.blocks[name].eigenvalues, block.eigenvalues, rtol=rtol, atol=1e-14)
+        assert second.blocks[name].damping == pytest.approx(block.damping, rel=rtol)
+    for name, squares in first.diagonals.items():
+        torch.testing.assert_close(second.diagonals[name], squares, rtol=rtol, atol=1e-14)
+    vectors = torch.randn(2, hessian.dim, generator=torch.Generator().manual_seed(6), dtype=DOUBLE)
+    torch.testing.assert_close(second.solve(vectors).x, first.solve(vectors).x, rtol=rtol, atol=1e-12)
+
+
+def test_fit_with_store_equals_fit_without_and_reloads_without_a_data_pass(tmp_path, monkeypatch):
+    """Shards of 7 of 40 examples per stage are saved; the fit equals one pass; a second fit reloads the blocks."""
+    hessian = mlp_problem(layer_norm=True)
+    plain = stored_solver().fit(hessian)
+    with factor_store(tmp_path, stored_solver(), hessian) as store:
+        stored = fit_stored(stored_solver(), hessian, store, 7)
+        assert (
+            store.completed_shards("ekfac-covariance") == store.completed_shards("ekfac-eigenvalues") == list(range(6))
+        )
+    assert_same_fit(plain, stored, hessian)
+
+    def no_data_pass(self, indices):
+        raise AssertionError("a fitted store entry must make the data pass unnecessary")
+
+    monkeypatch.setattr(EKFAC, "partial_factors", no_data_pass)
+    with factor_store(tmp_path, stored_solver(), hessian) as store:
+        reloaded = fit_stored(stored_solver(), hessian, store, 7)
+    assert_same_fit(stored, reloaded, hessian, rtol=0)
+
+
+def test_interrupted_fit_resumes_at_its_finished_shards(tmp_path, monkeypatch):
+    """A fit stopped in EK-FAC's second stage, at its second shard, resumes there: the covariance shards and the
+    first eigenvalue shard are loaded, only shards 1-5 of the second stage are computed, and the fit equals one pass."""
+    hessian = mlp_problem(layer_norm=True)
+    original = EKFAC.partial_factors
+    calls: list[tuple[str, int]] = []
+
+    def interrupted(self, indices):
+        calls.append((self.pending, indices[0]))
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return original(self, indices)
+
+    monkeypatch.setattr(EKFAC, "partial_factors", interrupted)
+    with factor_store(tmp_path, stored_solver(), hessian) as store, pytest.raises(KeyboardInterrupt):
+        fit_stored(stored_solver(), hessian, store, 7)
+    assert calls[-1] == ("eigenvalues", 7)
+    calls.clear()
+    with factor_store(tmp_path, stored_solver(), hessian) as store:
+        resumed = fit_stored(stored_solver(), hessian, store, 7)
+    assert calls == [("eigenvalues", start) for start in (7, 14, 21, 28, 35)]
+    monkeypatch.setattr(EKFAC, "partial_factors", original)
+    assert_same_fit(stored_solver().fit(hessian), resumed, hessian)
+
+
+def test_store_of_another_model_is_refused_in_one_line(tmp_path):
+    """factor_store refuses a folder fitted for another model; a store opened by other code is checked per entry."""
+    first, second = mlp_problem(seed=0), mlp_problem(seed=1)
+    with factor_store(tmp_path / "a", stored_solver(), first) as store:
+        fit_stored(stored_solver(), first, store)
+    with pytest.raises(StoreError, match="different model") as refused:
+        factor_store(tmp_path / "a", stored_solver(), second)
+    assert "\n" not in str(refused.value)
+    with Store.open(tmp_path / "b", model_fingerprint="m", data_fingerprint="d", config={}) as store:
+        fit_stored(stored_solver(), first, store, 16)
+        with pytest.raises(StoreError, match="another model, dataset or solver config") as refused:
+            fit_stored(stored_solver(), second, store, 16)
+        assert "\n" not in str(refused.value)
+        (tmp_path / "b" / "ekfac-fitted.json").unlink()  # as if stopped before the fitted blocks were saved
+        with pytest.raises(StoreError, match="pass the shard_size the interrupted fit used"):
+            fit_stored(stored_solver(), first, store, 8)
+
+
+def test_two_strided_ranks_combined_equal_one_pass():
+    """Two simulated ranks, each summing the factors of every other example (what torchrun ranks with a strided
+    split do) and all-reduced by combine, give one pass's fit and scores, with the true Fisher's seeded draws."""
+    hessian = mlp_problem(layer_norm=True)
+    for cls in (KFAC, EKFAC):
+        whole = cls(damping="heuristic", fisher="true", seed=5).fit(hessian)
+        ranks = cls(damping="heuristic", fisher="true", seed=5).begin(hessian)
+        while ranks.pending is not None:
+            ranks.absorb(ranks.combine([ranks.partial_factors(range(rank, 40, 2)) for rank in range(2)]))
+        assert_same_fit(whole, ranks, hessian)
+
+
+# ---------------------------------------------------------------------------------------------- frozen path
+
+
+def tiny_gpt2_adapter() -> HFClassifierAdapter:
+    """A 3-layer random GPT-2 classifier (HF Conv1D layers), influence over its top layer and head, no L2."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=60, n_embd=8, n_layer=3, n_head=2, n_positions=16, num_labels=3, pad_token_id=0
+    )
+    model = transformers.GPT2ForSequenceClassification(config).double().eval()
+    include = ("transformer.h.2", "transformer.ln_f", "score")
+    return HFClassifierAdapter(model, AdapterConfig(include=include, l2=0.0))
+
+
+def test_frozen_path_factors_equal_the_full_models(tmp_path):
+    """On the frozen path the solver sees the head (FrozenAdapter) and hooks the model's own Conv1D / Linear
+    modules; with padding masked inside the cached batches, factors and scores equal the full model's, and a
+    sharded fit into a store on the cached activations equals them too."""
+    adapter, train, test = tiny_gpt2_adapter(), TensorData(token_batch(20)), TensorData(token_batch(3, seed=1))
+    runs = {}
+    for frozen in ("on", "off"):
+        influence = Influence(adapter, train, solver=EKFAC(damping=1e-3, fisher="true"), frozen=frozen)
+        runs[frozen] = (influence.candidate_scores(test).scores, influence.solver, influence.hessian)
+    (on_scores, on, hessian), (off_scores, off, _) = runs["on"], runs["off"]
+    assert isinstance(hessian.adapter, FrozenAdapter)
+    assert [layer.kind for layer in on.layers] == ["conv1d"] * 4 + ["linear"]
+    assert_same_fit(off, on, hessian)
+    torch.testing.assert_close(on_scores, off_scores, rtol=1e-9, atol=1e-12)
+    solver = EKFAC(damping=1e-3, fisher="true")
+    with factor_store(tmp_path, solver, hessian) as store:
+        assert_same_fit(on, fit_stored(solver, hessian, store, 8), hessian)
+
+
+def test_frozen_bert_factors_count_unpadded_tokens(bert_adapter):
+    """Tiny BERT's top layer on the frozen path: keys and values see every unpadded token of the cached batch,
+    while the query and feed-forward of the last layer run at [CLS] alone (one token per example)."""
+    batch = token_batch(16)
+    influence = Influence(bert_adapter, TensorData(batch), solver=EKFAC(), frozen="on")
+    solver = EKFAC().begin(influence.hessian)
+    factors = solver.partial_factors(range(16))
+    layer = "bert.encoder.layer.1."
+    assert int(factors[layer + "attention.self.key.tokens"]) == int(batch["attention_mask"].sum())
+    assert int(factors[layer + "attention.self.query.tokens"]) == int(factors[layer + "output.dense.tokens"]) == 16
+
+
+def test_two_local_processes_fit_the_factors_of_one_pass():
+    """FactorRanks over 2 local processes (each summing every other example, all-reduced) = one process's fit."""
+    hessian = mlp_problem(layer_norm=True)
+    config = EKFACConfig(damping=1e-3, fisher="true", seed=4)
+    local = RunnerConfig(backend="processes", workers=2, threads=1)
+    with FactorRanks(lambda _device: Problem(hessian.adapter, hessian.data, 16), local) as ranks:
+        assert ranks.world_size == 2
+        fitted = ranks.fit(config)
+    assert_same_fit(EKFAC(config).fit(hessian), fitted, hessian)

@@ -21,6 +21,7 @@ from torch.func import grad, vmap
 from ...data import Batch, batch_len, map_tensors
 from ...errors import SolverError
 from ...model.adapter import HFClassifierAdapter, ModelAdapter, TorchAdapter
+from ...model.frozen import FrozenAdapter
 from .layers import KroneckerLayer
 
 Likelihood = Literal["auto", "categorical", "bernoulli"]
@@ -42,13 +43,19 @@ def captured(layers: Sequence[KroneckerLayer]) -> Iterator[list[list[tuple[Tenso
             handle.remove()
 
 
+def _attention_mask(batch: Batch) -> Tensor | None:
+    """The batch's ``attention_mask``, also inside the frozen path's ``{"batch": ..., "hidden": ...}`` layout."""
+    if not isinstance(batch, Mapping):
+        return None
+    if isinstance(batch.get("attention_mask"), Tensor):
+        return batch["attention_mask"]
+    return _attention_mask(batch["batch"]) if "batch" in batch else None
+
+
 def token_mask(batch: Batch, size: int, tokens: int) -> Tensor | None:
     """The batch's [B, T] ``attention_mask`` when a layer's inputs have T tokens per example, else None."""
-    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
-        mask = batch["attention_mask"]
-        if mask.shape == (size, tokens):
-            return mask
-    return None
+    mask = _attention_mask(batch)
+    return mask if mask is not None and mask.shape == (size, tokens) else None
 
 
 def layer_tokens(
@@ -119,6 +126,8 @@ def resolve_likelihood(adapter: ModelAdapter, likelihood: Likelihood) -> Likelih
     """The predictive distribution the true Fisher samples from; 'auto' reads it off the adapter's loss."""
     if likelihood != "auto" or hasattr(adapter, "sample_targets"):
         return likelihood
+    if isinstance(adapter, FrozenAdapter):
+        return resolve_likelihood(adapter.base, likelihood)
     if isinstance(adapter, HFClassifierAdapter):
         return "categorical"
     if isinstance(adapter, TorchAdapter):
@@ -141,6 +150,10 @@ def sample_targets(
 
     An adapter may define ``sample_targets(flat, batch, uniforms)`` (one U(0, 1) per example) to do this itself.
     """
+    if isinstance(adapter, FrozenAdapter):  # draw from the base model run on the cached activations
+        with adapter._injected(batch["hidden"]):
+            drawn = sample_targets(adapter.base, flat, batch["batch"], indices, seed, likelihood)
+        return {**batch, "batch": drawn}
     uniforms = _uniforms(indices, seed, flat.device)
     if likelihood == "auto" and hasattr(adapter, "sample_targets"):
         return adapter.sample_targets(flat, batch, uniforms)

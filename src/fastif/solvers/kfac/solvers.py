@@ -19,7 +19,15 @@ biases): the diagonal of the Fisher, the mean over examples of the squared per-e
   kronfluence's 0.1 × the mean eigenvalue, per block.
 
 Factors are sums with counts: :meth:`KFAC.partial_factors` on disjoint index sets, :meth:`KFAC.combine` and
-:meth:`KFAC.absorb` give what one pass does (a runner can split the data over ranks and sum).
+:meth:`KFAC.absorb` give what one pass does (a runner can split the data over ranks and sum). ``fit(hessian,
+store=...)`` keeps each stage's per-shard sums and the fitted blocks in a :class:`~fastif.store.Store`, so an
+interrupted fit resumes at its first unfinished shard and a finished one reloads without a data pass
+(:mod:`fastif.store.kfac`).
+
+On the frozen path (:mod:`fastif.model.frozen`) the hooks sit on the model's own modules, run on cached activations, and
+padding is read from the cached batch's ``attention_mask``: the factors equal the full model's, except where a BERT
+last layer runs at [CLS] only, whose query and feed-forward blocks then average A over that one token per example
+(the only position whose gradient is not zero) rather than over every token.
 """
 
 from __future__ import annotations
@@ -111,10 +119,58 @@ class KFAC(Solver, name="kfac"):
         return self.stages[self.stage] if self.stage < len(self.stages) else None
 
     def fit(self, hessian: Hessian) -> KFAC:
+        """Fit the factors in one pass per stage (:func:`fastif.store.kfac.fit_stored` does it shard by shard in a
+        Store, resuming finished shards and reloading finished blocks without a data pass)."""
         self.begin(hessian)
         while self.pending is not None:
             self.absorb(self.partial_factors(range(hessian.num_examples)))
         return self
+
+    def state(self) -> dict[str, Tensor]:
+        """The fitted blocks and diagonals as flat tensors (what the store's ``-fitted`` entry holds)."""
+        if self.pending is not None:
+            raise SolverError(f"{type(self).__name__} is not fitted: its {self.pending!r} factors are missing")
+        state = {"examples": torch.tensor(self.examples, dtype=torch.int64)}
+        for name, block in self.blocks.items():
+            state[f"{name}.activation_eigenvectors"] = block.activation_eigenvectors
+            state[f"{name}.gradient_eigenvectors"] = block.gradient_eigenvectors
+            state[f"{name}.eigenvalues"] = block.eigenvalues
+            state[f"{name}.damping"] = torch.tensor(block.damping, dtype=torch.float64)
+        state.update({f"diagonal.{name}": squares for name, squares in self.diagonals.items()})
+        return state
+
+    def restore(self, state: dict[str, Tensor]) -> KFAC:
+        """Take fitted blocks from :meth:`state`'s output, on a solver begun on the same Hessian; no data pass."""
+        hessian = self._fitted()
+        expected = set(self.state_keys())
+        if set(state) != expected:
+            raise SolverError(
+                f"stored {type(self).__name__} factors do not match this parameter selection (they hold "
+                f"{len(state)} tensors, this selection needs {len(expected)}); refit without the stored entry"
+            )
+        device, dtype = hessian.flat.device, hessian.flat.dtype
+
+        def tensor(key: str) -> Tensor:
+            return state[key].to(device=device, dtype=dtype)
+
+        for layer in self.layers:
+            name = layer.name
+            self.blocks[name] = KroneckerBlock(
+                tensor(f"{name}.activation_eigenvectors"),
+                tensor(f"{name}.gradient_eigenvectors"),
+                tensor(f"{name}.eigenvalues"),
+                float(state[f"{name}.damping"]),
+            )
+        self.diagonals = {name: tensor(f"diagonal.{name}") for name, _ in self.diagonal}
+        self.examples = int(state["examples"])
+        self.stage = len(self.stages)
+        return self
+
+    def state_keys(self) -> list[str]:
+        """The keys :meth:`state` gives for this solver's blocks (after :meth:`begin`)."""
+        parts = ("activation_eigenvectors", "gradient_eigenvectors", "eigenvalues", "damping")
+        keys = ["examples"] + [f"{layer.name}.{part}" for layer in self.layers for part in parts]
+        return keys + [f"diagonal.{name}" for name, _ in self.diagonal]
 
     # ------------------------------------------------------------------------------------------ memory
 
