@@ -195,7 +195,7 @@ class ScoringConfig:
     top_k: int = 5
     group: bool = False
     method: ScoreMethod = "auto"
-    batch_size: int = 32
+    batch_size: int = 256
     test_indices: tuple[int, ...] = ()
     correct: int = 2
     wrong: int = 2
