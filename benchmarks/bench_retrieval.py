@@ -39,14 +39,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastif.adapters import AdapterConfig, HFClassifierAdapter, ModelAdapter
 from fastif.data import TensorData
+from fastif.data.text import TextPairData
 from fastif.files import atomic_write_json, atomic_write_text
 from fastif.gradient_store import GradientStore, GradientStoreConfig
 from fastif.hvp import Hessian
 from fastif.influence import CandidateScores, Influence
-from fastif.nli import NLI3_LABELS, NLITrainConfig, TextPairData, load_embedded, train_nli_classifier
+from fastif.model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapter
 from fastif.projection import ProjectionConfig
+from fastif.recipes.nli import NLI3_LABELS, NLITrainConfig, load_embedded, train_nli_classifier
 from fastif.scores import ScoreConfig
 from fastif.solvers import CG, CGConfig, LiSSA, LiSSAConfig, Solver, SolveResult
 

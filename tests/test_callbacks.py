@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, token_batch
+from helpers import tiny_bert, token_batch
 
 from fastif import AdapterConfig, HFClassifierAdapter, TensorData
 from fastif.errors import ConfigError

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("grads", "hvp", "projection"),  # 3 derivatives, projected gradients
     ("solvers", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
     ("store", "runner", "gradient_store"),  # 5 storage, parallel runs, the gradient store
-    ("influence", "__init__"),  # 6 the facade and the public API
+    ("influence", "__init__", "callbacks"),  # 6 the facade, the public API, the HF Trainer callback
     ("pipeline", "applications"),  # 7 end to end, applications
     ("recipes",),  # 8 domains (NLI/MiniLM, tabular)
     ("cli",),  # 9 the command line

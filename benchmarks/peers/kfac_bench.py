@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastif.solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig
 from torch import Tensor
 
 from fastif import CG, Exact, Hessian, Influence, ScoreConfig, Solver
 from fastif.evaluation import score_correlation
+from fastif.solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig
 
 from .common import interleaved, load_average, machine, markdown_table, set_threads, uptime, versions, write_results
 from .digits_bench import LDSCache

@@ -21,11 +21,11 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import ModelAdapter
 from .errors import ConfigError
-from .frozen import FrozenMode
 from .gradient_store import BuildReport, GradientStoreConfig
 from .influence import Influence
+from .model.adapter import ModelAdapter
+from .model.frozen import FrozenMode
 
 AdapterSource = ModelAdapter | Callable[[nn.Module], ModelAdapter]
 
