@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import torch
 
-from .config import config_from_dict, save_config
+from .config import check_number, config_from_dict, save_config
 from .errors import ConfigError, DataError, StoreError
 from .files import atomic_write, atomic_write_json, read_json
 from .fingerprint import file_sha256
@@ -58,9 +58,8 @@ class CandidateConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"CandidateConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for field in ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"CandidateConfig.{field} must be a positive integer, got {value!r}")
+            check_number(f"candidates.faiss.{field}", getattr(self, field), integer=True, minimum=1)
+        check_number("candidates.faiss.seed", self.seed, integer=True, minimum=0, below=2**32)
         if self.nprobe > self.nlist:
             raise ConfigError(
                 f"CandidateConfig.nprobe={self.nprobe} exceeds nlist={self.nlist}; "

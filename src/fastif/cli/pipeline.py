@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..files import atomic_dir, check_writable
 from .options import (
     CANDIDATES,
@@ -25,6 +25,7 @@ from .options import (
     _add_options,
     _pipeline_config,
     _positive,
+    _seed,
 )
 
 DEMO_FOLDER = "fastif-results/demo"
@@ -75,10 +76,27 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
 
 
 def _check_outputs(config: Any, index: bool) -> None:
-    """Refuse an unwritable results folder (and index folder, when the index is used) before any model or index work."""
+    """Refuse an unwritable results folder (and index folder, when the index is used) before any model or index work;
+    an ``--index-dir`` that holds other files than a fastif store is refused before anything is written into it."""
     check_writable(config.output.folder)
     if index:
-        check_writable(config.output.index_path, "--index-dir")
+        folder = check_writable(config.output.index_path, "--index-dir")
+        _check_index_folder(folder, given=config.output.index_folder is not None)
+
+
+def _check_index_folder(folder: Path, given: bool) -> None:
+    """Refuse a non-empty index folder without a store manifest (e.g. a results folder), naming the option."""
+    from ..store.store import LOCK_FILE, MANIFEST_FILE
+
+    if not folder.is_dir() or (folder / MANIFEST_FILE).is_file():
+        return
+    others = sorted(path.name for path in folder.iterdir() if path.name != LOCK_FILE)
+    if others:
+        option = "--index-dir" if given else "--output (its index/ folder)"
+        raise OutputError(
+            f"{folder} is not empty and is not a fastif index store (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose another {option}"
+        )
 
 
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
@@ -205,8 +223,8 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     example = commands.add_parser("example", help="influence on a scikit-learn dataset (logistic regression)")
     example.add_argument("--dataset", default="breast_cancer", help="breast_cancer, digits, wine or iris")
     example.add_argument("--solver", default="cg", help="exact, cg, lissa, arnoldi or identity")
-    example.add_argument("--k", type=int, default=5, help="helpful and harmful points to show per test point")
+    example.add_argument("--k", type=_positive, default=5, help="helpful and harmful points to show per test point")
     example.add_argument("--output", type=Path, default=None, help="results folder (written atomically)")
-    example.add_argument("--seed", type=int, default=0, help="random seed")
+    example.add_argument("--seed", type=_seed, default=0, help="random seed")
     example.add_argument("--debug", action="store_true", help="show tracebacks")
     example.set_defaults(handler=_example)

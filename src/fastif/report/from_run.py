@@ -181,7 +181,7 @@ def load_graph_source(run_dir: str | os.PathLike[str]) -> InfluenceRun | Influen
         return graph_from_pipeline_report(read_json(folder / PIPELINE_FILE))
     raise DataError(
         f"{folder} holds none of {RUN_FILE}, {GRAPH_FILE} or {PIPELINE_FILE}; point at the output folder of "
-        "'fastif run' or of an influence-graph experiment"
+        "'fastif influence' (or 'fastif demo') or of an influence-graph experiment"
     )
 
 
@@ -213,7 +213,7 @@ def graph_from_pipeline_report(report: Any) -> InfluenceGraph:
         ]
         trains = {int(row["train_index"]): row for _, row in rows}
     except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"malformed pipeline report ({error}); regenerate it with 'fastif run'") from error
+        raise DataError(f"malformed pipeline report ({error}); regenerate it with 'fastif influence'") from error
     if len({point.group for point in tests}) == 1:
         tests = [replace(t, group="correct" if t.gold == t.predicted else "wrong") for t in tests]
     order = sorted(trains)
