@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_bert, token_batch
 from torch import nn
 
 import fastif
-from fastif.errors import DataError, SolverError
+from fastif.errors import DataError, FastIFError, SolverError
 
 
 def _linear(features: int = 3, classes: int = 2) -> fastif.TorchAdapter:
@@ -126,3 +128,25 @@ def test_a_batch_that_is_not_a_pair_is_refused():
 def test_tensors_with_different_example_counts_are_refused():
     with pytest.raises(DataError, match="leading"):
         fastif.TensorData((torch.randn(4, 3), torch.randint(0, 2, (5,))))
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: fastif.TorchAdapter(nn.Linear(3, 2), nn.CrossEntropyLoss(reduction="none"),
+                                     fastif.AdapterConfig(l2=math.inf)), "l2 must be >= 0 and finite, got inf"),
+        (lambda: fastif.Influence(_linear(), _data(), fastif.Exact(damping=math.inf)).fit(), "damping .* finite"),
+        (lambda: fastif.Influence(_linear(), _data(), fastif.CG(tolerance=math.nan)).fit(), "tolerance .* got nan"),
+    ],
+    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan"],
+)  # fmt: skip
+def test_non_finite_l2_damping_and_tolerance_are_refused_up_front(make, needle):
+    with pytest.raises(FastIFError, match=needle):
+        make()
+
+
+def test_a_non_integer_k_is_refused_by_the_facade():
+    data = _data()
+    influence = fastif.Influence(_linear(), data, fastif.Exact(damping=1.0))
+    with pytest.raises(DataError, match="k must be a whole number of training points, got 2.5"):
+        influence.top_k(data, k=2.5)

@@ -86,8 +86,8 @@ def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) 
 
 
 def _check_damping(damping: float) -> None:
-    if not damping >= 0:
-        raise SolverError(f"damping must be >= 0, got {damping}")
+    if not 0 <= damping < math.inf:
+        raise SolverError(f"damping must be >= 0 and finite, got {damping}")
 
 
 # ---------------------------------------------------------------------------------------------- Exact
@@ -163,6 +163,8 @@ class CG(Solver):
         _check_damping(self.config.damping)
         if self.config.max_iterations < 1:
             raise SolverError(f"CG max_iterations must be at least 1, got {self.config.max_iterations}")
+        if not 0 < self.config.tolerance < math.inf:
+            raise SolverError(f"CG tolerance must be a finite number > 0, got {self.config.tolerance}")
         return super().fit(hessian)  # type: ignore[return-value]
 
     def solve(self, vectors: Tensor) -> SolveResult:
