@@ -148,5 +148,5 @@ def test_non_finite_l2_damping_and_tolerance_are_refused_up_front(make, needle):
 def test_a_non_integer_k_is_refused_by_the_facade():
     data = _data()
     influence = fastif.Influence(_linear(), data, fastif.Exact(damping=1.0))
-    with pytest.raises(DataError, match="k must be a whole number of training points, got 2.5"):
+    with pytest.raises(DataError, match=r"k must be a whole number of training points, got 2\.5"):
         influence.top_k(data, k=2.5)

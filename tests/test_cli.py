@@ -432,7 +432,9 @@ def test_data_files_excel_bom_csv_is_read_and_txt_gets_a_hint_the_cli_can_follow
     csv_file = tmp_path / "train.csv"
     with csv_file.open("w", encoding="utf-8-sig", newline="") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         writer = csv.writer(handle)
-        writer.writerows([("premise", "hypothesis", "label"), *((r["premise"], r["hypothesis"], r["label"]) for r in rows)])
+        writer.writerows(
+            [("premise", "hypothesis", "label"), *((r["premise"], r["hypothesis"], r["label"]) for r in rows)]
+        )
     index = ["index", "--model", str(tiny["model"]), "--max-length", "48", "--no-progress"]
     assert run([*index, "--train", str(csv_file), "--output", str(tmp_path / "out")]) == 0
     text_file = tmp_path / "train.txt"
