@@ -84,6 +84,10 @@ def test_every_subcommand_has_help(command, capsys):
         (["train", "--labels", "4"], "--labels"),
         (["bench", "--examples", "0"], "--examples"),
         (["nonsense"], "invalid choice"),
+        (["experiment", "correct", "--seed", "-1"], "--seed"),
+        (["experiment", "augment", "--lr", "nan"], "--lr"),
+        (["experiment", "simulatability", "--n-test", "0"], "--n-test"),
+        (["report", "RUN", "--top", "-2"], "--top"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):

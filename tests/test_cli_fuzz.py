@@ -30,11 +30,13 @@ NUMERIC_FLAGS = (
 )
 PATH_FLAGS = ("--train", "--test", "--config", "--model", "--index-dir", "--output")
 
-numbers = st.one_of(
-    st.integers(-(10**12), 10**12),
+WORK_FLAGS = ("--depth", "--repeats")  # a huge valid value here is a huge (valid) job: generated small
+small = st.one_of(
+    st.integers(-3, 40),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["nan", "inf", "-inf", "1e309", "", "all", "0x10", "1_000", "٣"]),
 )
+numbers = st.one_of(small, st.sampled_from([-(10**12), 2**32, 2**63, 10**30]))
 strings = st.one_of(st.text(max_size=300), st.text(alphabet="é漢🙂\u202e\x00 x/.", min_size=1, max_size=40))
 
 
@@ -135,9 +137,16 @@ def check_damaged_file(world, target: str, index: int, truncate: bool, where: fl
         check_run(world, argv)
 
 
-option_values = st.tuples(st.sampled_from(NUMERIC_FLAGS), st.one_of(numbers, strings))
-path_values = st.tuples(
-    st.sampled_from(PATH_FLAGS), st.sampled_from(["missing", "long", "folder", "finished", "odd"]), strings
+option_values = st.sampled_from(NUMERIC_FLAGS).flatmap(
+    lambda flag: st.tuples(st.just(flag), st.one_of(small if flag in WORK_FLAGS else numbers, strings))
+)
+PATH_KINDS = ("missing", "long", "folder", "finished", "odd")
+path_values = st.sampled_from(PATH_FLAGS).flatmap(
+    lambda flag: st.tuples(  # --output at the finished folder reruns it there: that folder is meant to change
+        st.just(flag),
+        st.sampled_from([kind for kind in PATH_KINDS if (flag, kind) != ("--output", "finished")]),
+        strings,
+    )
 )
 damages = st.tuples(
     st.sampled_from(["store", "checkpoint", "data", "config"]),

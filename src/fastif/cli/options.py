@@ -310,6 +310,17 @@ def _seed(value: str) -> int:
     return number
 
 
+def _positive_number(value: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return number
+
+
 def _positive(value: str) -> int:
     """An integer >= 1."""
     try:
