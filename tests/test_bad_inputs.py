@@ -10,7 +10,11 @@ from helpers import tiny_bert, token_batch
 from torch import nn
 
 import fastif
-from fastif.errors import DataError, FastIFError, SolverError
+from fastif.candidates import CandidateConfig
+from fastif.errors import ConfigError, DataError, FastIFError, SolverError
+from fastif.pipeline import PipelineConfig
+from fastif.pipeline.config import ScoringConfig, SolverStageConfig
+from fastif.recipes.nli.model import NLITrainConfig
 
 
 def _linear(features: int = 3, classes: int = 2) -> fastif.TorchAdapter:
@@ -150,3 +154,20 @@ def test_a_non_integer_k_is_refused_by_the_facade():
     influence = fastif.Influence(_linear(), data, fastif.Exact(damping=1.0))
     with pytest.raises(DataError, match=r"k must be a whole number of training points, got 2\.5"):
         influence.top_k(data, k=2.5)
+
+
+@pytest.mark.parametrize(
+    ("make", "key", "needle"),
+    [
+        (lambda: SolverStageConfig(damping=math.inf), "solver.damping", "a finite number >= 0 (or unset), got inf"),
+        (lambda: SolverStageConfig(tail_average=1.0), "solver.tail_average", "a finite number >= 0 and < 1, got 1.0"),
+        (lambda: ScoringConfig(top_k=True), "scoring.top_k", "a positive integer, got True"),
+        (lambda: PipelineConfig(seed=2**32), "seed", "an integer >= 0 and < 4294967296, got 4294967296"),
+        (lambda: NLITrainConfig(lr=math.nan), "model.recipe.lr", "a finite number > 0, got nan"),
+        (lambda: CandidateConfig(nlist=0), "candidates.faiss.nlist", "a positive integer, got 0"),
+    ],
+)
+def test_typed_configs_check_their_numbers_in_one_place(make, key, needle):
+    with pytest.raises(ConfigError) as error:
+        make()
+    assert error.value.key == key and str(error.value) == f"{key} must be {needle}"
