@@ -87,7 +87,6 @@ def test_every_subcommand_has_help(command, capsys):
         (["experiment", "correct", "--seed", "-1"], "--seed"),
         (["experiment", "augment", "--lr", "nan"], "--lr"),
         (["experiment", "simulatability", "--n-test", "0"], "--n-test"),
-        (["report", "RUN", "--top", "-2"], "--top"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
@@ -330,6 +329,7 @@ BAD_VALUES = [
     (["--scale", "inf"], "--scale (solver.scale) must be a finite number > 0 (or unset), got inf"),
     (["--damping", "nan"], "--damping (solver.damping) must be a finite number >= 0 (or unset), got nan"),
     (["--train", "x" * 5000], "File name too long; check the path"),
+    (["--max-length", "1000"], "--max-length (data.max_length) is 1000 but the model reads at most 64 tokens"),
     (["--premise", "a", "--hypothesis", "b", "--label", "y" * 30_000], "... (30002 characters) is not one of"),
 ]
 

@@ -22,7 +22,7 @@ from fastif.cli import run
 from fastif.recipes.nli import load_embedded
 
 QUICK = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-LONG = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+LONG = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 NUMERIC_FLAGS = (
     *("--seed", "--l2", "--damping", "--scale", "-k", "--depth", "--candidates", "--max-length", "--train-size"),

@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 CONFIG_FILE = "candidate_config.json"
 MANIFEST_FILE = "candidate_manifest.json"
+MANIFEST_KEYS = ("format_version", "n", "d", "features_sha256", "index_sha256")
+"""What a candidate manifest must hold; a damaged one that lacks any is refused, naming the file."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,9 @@ class CandidateIndex:
             if not (folder / name).is_file():
                 raise StoreError(f"no candidate index in {folder}: {name} is missing; rebuild and save the index")
         manifest = _read_json(folder / MANIFEST_FILE)
+        missing = [key for key in MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise StoreError(f"{folder / MANIFEST_FILE} lacks {missing} (damaged?); delete {folder} and rebuild")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{folder / MANIFEST_FILE} has format version {manifest.get('format_version')!r}, "

@@ -220,7 +220,7 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     parser.add_argument("run_dir", type=Path, help="folder of a finished run")
     parser.add_argument("--output", type=Path, default=None, help="where to write the report (default RUN_DIR/report)")
-    parser.add_argument("--top", type=_positive, default=5, help="helpful and harmful edges drawn per test point")
+    parser.add_argument("--top", type=int, default=5, help="helpful and harmful edges drawn per test point")
     parser.add_argument("--title", default="FastIF influence explorer", help="title of the HTML page")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(handler=_report_command)
