@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_bert, token_batch
 from torch import nn
 
 import fastif
-from fastif.errors import DataError, SolverError
+from fastif.candidates import CandidateConfig
+from fastif.errors import ConfigError, DataError, FastIFError, SolverError
+from fastif.pipeline import PipelineConfig
+from fastif.pipeline.config import ScoringConfig, SolverStageConfig
+from fastif.recipes.nli.model import NLITrainConfig
 
 
 def _linear(features: int = 3, classes: int = 2) -> fastif.TorchAdapter:
@@ -126,3 +132,42 @@ def test_a_batch_that_is_not_a_pair_is_refused():
 def test_tensors_with_different_example_counts_are_refused():
     with pytest.raises(DataError, match="leading"):
         fastif.TensorData((torch.randn(4, 3), torch.randint(0, 2, (5,))))
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: fastif.TorchAdapter(nn.Linear(3, 2), nn.CrossEntropyLoss(reduction="none"),
+                                     fastif.AdapterConfig(l2=math.inf)), "l2 must be >= 0 and finite, got inf"),
+        (lambda: fastif.Influence(_linear(), _data(), fastif.Exact(damping=math.inf)).fit(), "damping .* finite"),
+        (lambda: fastif.Influence(_linear(), _data(), fastif.CG(tolerance=math.nan)).fit(), "tolerance .* got nan"),
+    ],
+    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan"],
+)  # fmt: skip
+def test_non_finite_l2_damping_and_tolerance_are_refused_up_front(make, needle):
+    with pytest.raises(FastIFError, match=needle):
+        make()
+
+
+def test_a_non_integer_k_is_refused_by_the_facade():
+    data = _data()
+    influence = fastif.Influence(_linear(), data, fastif.Exact(damping=1.0))
+    with pytest.raises(DataError, match=r"k must be a whole number of training points, got 2\.5"):
+        influence.top_k(data, k=2.5)
+
+
+@pytest.mark.parametrize(
+    ("make", "key", "needle"),
+    [
+        (lambda: SolverStageConfig(damping=math.inf), "solver.damping", "a finite number >= 0 (or unset), got inf"),
+        (lambda: SolverStageConfig(tail_average=1.0), "solver.tail_average", "a finite number >= 0 and < 1, got 1.0"),
+        (lambda: ScoringConfig(top_k=True), "scoring.top_k", "a positive integer, got True"),
+        (lambda: PipelineConfig(seed=2**32), "seed", "an integer >= 0 and < 4294967296, got 4294967296"),
+        (lambda: NLITrainConfig(lr=math.nan), "model.recipe.lr", "a finite number > 0, got nan"),
+        (lambda: CandidateConfig(nlist=0), "candidates.faiss.nlist", "a positive integer, got 0"),
+    ],
+)
+def test_typed_configs_check_their_numbers_in_one_place(make, key, needle):
+    with pytest.raises(ConfigError) as error:
+        make()
+    assert error.value.key == key and str(error.value) == f"{key} must be {needle}"

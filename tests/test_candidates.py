@@ -197,3 +197,11 @@ def test_config_validation(data: tuple[np.ndarray, np.ndarray]) -> None:
     assert config_from_dict(CandidateConfig, config_to_dict(config)) == config
     with pytest.raises(ConfigError, match="unknown"):
         config_from_dict(CandidateConfig, {"nprob": 3})
+
+
+def test_a_manifest_that_lost_a_key_is_refused_naming_the_file(tmp_path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    CandidateIndex.build(data[0][:50]).save(tmp_path)
+    manifest = tmp_path / "candidate_manifest.json"
+    manifest.write_text(manifest.read_text().replace('"features_sha256"', '"features_sha257"'))  # one flipped bit
+    with pytest.raises(StoreError, match=r"candidate_manifest\.json lacks \['features_sha256'\]"):
+        CandidateIndex.load(tmp_path)

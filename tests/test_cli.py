@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +84,9 @@ def test_every_subcommand_has_help(command, capsys):
         (["train", "--labels", "4"], "--labels"),
         (["bench", "--examples", "0"], "--examples"),
         (["nonsense"], "invalid choice"),
+        (["experiment", "correct", "--seed", "-1"], "--seed"),
+        (["experiment", "augment", "--lr", "nan"], "--lr"),
+        (["experiment", "simulatability", "--n-test", "0"], "--n-test"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
@@ -93,7 +98,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["influence", "--candidates", "0"], "candidates.count must be positive"),
+        (["influence", "--candidates", "0"], "--candidates (candidates.count) must be a positive integer"),
         (["influence", "--depth", "0"], "solver.depth"),
         (["influence", "--device", "gpu7"], "unknown device"),
         (["influence", "--config", "missing.toml"], "cannot read config file"),
@@ -390,3 +395,150 @@ def test_the_demo_replaces_its_own_results_when_rerun(tiny, tmp_path, monkeypatc
     assert run(demo) == 0 and run(demo) == 0
     assert "reused" in capsys.readouterr().out
     assert (tmp_path / "fastif-results" / "demo" / "influence.json").is_file()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) and its bytes, to check a folder is left untouched."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished results folder (results, config and index) of the tiny checkpoint."""
+    output = tmp_path_factory.mktemp("finished") / "results"
+    assert run(["influence", *tiny_args(tiny, output), "--test-indices", "0"]) == 0
+    return output
+
+
+# issue 14: each bad value exits 2 with one line naming the option (its flag and its config key)
+BAD_VALUES = [
+    (["--seed", "-1"], "--seed (seed) must be an integer >= 0 and < 4294967296, got -1"),
+    (["--l2", "inf"], "--l2 (parameters.l2) must be a finite number >= 0 (or unset), got inf"),
+    (["-k", "-1"], "-k/--top-k (scoring.top_k) must be a positive integer, got -1"),
+    (["--scale", "inf"], "--scale (solver.scale) must be a finite number > 0 (or unset), got inf"),
+    (["--damping", "nan"], "--damping (solver.damping) must be a finite number >= 0 (or unset), got nan"),
+    (["--train", "x" * 5000], "File name too long; check the path"),
+    (["--max-length", "1000"], "--max-length (data.max_length) is 1000 but the model reads at most 64 tokens"),
+    (["--premise", "a", "--hypothesis", "b", "--label", "y" * 30_000], "... (30002 characters) is not one of"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD_VALUES, ids=[case[0][-2][:12] for case in BAD_VALUES])
+def test_bad_option_values_name_the_option_in_one_short_line(extra, needle, tiny, tmp_path, capsys):
+    assert run(["influence", *tiny_args(tiny, tmp_path / "out"), *extra]) == 2
+    error = one_line_error(capsys)
+    assert needle in error and len(error) < 600
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporary file left
+
+
+def test_example_refuses_a_negative_seed_and_top_level_help_is_not_doubled(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["example", "--seed", "-1"])
+    assert exit_info.value.code == 2 and "(see 'fastif example --help')" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        run(["nonsense"])
+    assert one_line_error(capsys).endswith("(see 'fastif --help')")
+
+
+def test_a_utf16_config_file_is_refused_and_a_utf8_bom_is_read(tiny, tmp_path, capsys):
+    config = tmp_path / "fastif.toml"
+    config.write_text("[solver]\ndepth = 3\n", encoding="utf-16")
+    assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--config", str(config)]) == 2
+    assert f"config file {config} is not UTF-8 text" in one_line_error(capsys)
+    config.write_text("[solver]\ndepth = -3\n", encoding="utf-8-sig")
+    assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--config", str(config)]) == 2
+    assert f"{config}: --depth (solver.depth) must be a positive integer, got -3" in one_line_error(capsys)
+
+
+def damaged_checkpoint(tiny, folder: Path, damage: str) -> Path:
+    """A copy of the tiny checkpoint with pickled weights, truncated weights or no tokenizer files."""
+    shutil.copytree(tiny["model"], folder)
+    weights = folder / "model.safetensors"
+    if damage == "pickled":
+        weights.rename(folder / "pytorch_model.bin")  # never unpickled: refused by its name and the missing safetensors
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("pickled", "pytorch_model.bin is a pickled PyTorch checkpoint, and fastif never unpickles"),
+        ("truncated", "model.safetensors is damaged"),
+        ("no-tokenizer", "no tokenizer in {folder}"),
+    ],
+)
+def test_a_damaged_checkpoint_folder_is_refused_naming_the_file(damage, needle, tiny, tmp_path, capsys):
+    folder = damaged_checkpoint(tiny, tmp_path / "model", damage)
+    argv = tiny_args(tiny, tmp_path / "out")
+    argv[argv.index("--model") + 1] = str(folder)
+    assert run(["influence", *argv]) == 2
+    assert needle.format(folder=folder) in one_line_error(capsys)
+
+
+def test_a_missing_model_folder_is_one_line_saying_fastif_works_offline(tiny, tmp_path, capsys):
+    argv = tiny_args(tiny, tmp_path / "out")
+    argv[argv.index("--model") + 1] = str(tmp_path / "runs" / "my-bert")
+    assert run(["influence", *argv]) == 2
+    error = one_line_error(capsys)
+    assert "is not a checkpoint folder (no such folder)" in error and "fastif works offline" in error
+
+
+def test_a_bit_flipped_index_is_rebuilt_with_one_note_naming_it(tiny, finished, tmp_path, capsys):
+    output = tmp_path / "results"
+    shutil.copytree(finished, output)
+    index_file = output / "index" / "faiss" / "index.faiss"
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    index_file.write_bytes(bytes(data))
+    assert run(["influence", *tiny_args(tiny, output), "--test-indices", "0"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastif: note: {index_file} is corrupt (checksum mismatch); delete {index_file.parent} and rebuild; "
+        "rebuilt the index"
+    ]
+
+
+def test_an_index_dir_at_a_results_folder_is_refused_leaving_it_untouched(tiny, finished, tmp_path, capsys):
+    before = folder_bytes(finished)
+    assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--index-dir", str(finished)]) == 2
+    error = one_line_error(capsys)
+    assert "is not a fastif index store" in error and error.endswith("choose another --index-dir")
+    assert folder_bytes(finished) == before  # no .lock left behind
+
+
+def test_a_store_that_refuses_a_foreign_folder_leaves_no_lock(tmp_path):
+    from fastif.errors import StoreError
+    from fastif.store import Store
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not a fastif store"):
+        Store.open(tmp_path, model_fingerprint="m", data_fingerprint="d", config={})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_data_files_excel_bom_csv_is_read_and_txt_gets_a_hint_the_cli_can_follow(tiny, tmp_path, capsys):
+    rows = [json.loads(line) for line in tiny["train"].read_text().splitlines()]
+    csv_file = tmp_path / "train.csv"
+    with csv_file.open("w", encoding="utf-8-sig", newline="") as handle:  # Excel's "CSV UTF-8" starts with a BOM
+        writer = csv.writer(handle)
+        writer.writerows(
+            [("premise", "hypothesis", "label"), *((r["premise"], r["hypothesis"], r["label"]) for r in rows)]
+        )
+    index = ["index", "--model", str(tiny["model"]), "--max-length", "48", "--no-progress"]
+    assert run([*index, "--train", str(csv_file), "--output", str(tmp_path / "out")]) == 0
+    text_file = tmp_path / "train.txt"
+    shutil.copy(tiny["train"], text_file)
+    assert run([*index, "--train", str(text_file), "--output", str(tmp_path / "out2")]) == 2
+    error = one_line_error(capsys)
+    assert "rename it to end in .jsonl, .csv or .tsv" in error and "format=" not in error
+
+
+def test_report_errors_point_at_commands_that_exist(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run(["report", str(tmp_path / "empty")]) == 2
+    error = one_line_error(capsys)
+    assert "'fastif influence'" in error and "fastif run" not in error

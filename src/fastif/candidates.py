@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import torch
 
-from .config import config_from_dict, save_config
+from .config import check_number, config_from_dict, save_config
 from .errors import ConfigError, DataError, StoreError
 from .files import atomic_write, atomic_write_json, read_json
 from .fingerprint import file_sha256
@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 CONFIG_FILE = "candidate_config.json"
 MANIFEST_FILE = "candidate_manifest.json"
+MANIFEST_KEYS = ("format_version", "n", "d", "features_sha256", "index_sha256")
+"""What a candidate manifest must hold; a damaged one that lacks any is refused, naming the file."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,8 @@ class CandidateConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"CandidateConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for field in ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"CandidateConfig.{field} must be a positive integer, got {value!r}")
+            check_number(f"candidates.faiss.{field}", getattr(self, field), integer=True, minimum=1)
+        check_number("candidates.faiss.seed", self.seed, integer=True, minimum=0, below=2**32)
         if self.nprobe > self.nlist:
             raise ConfigError(
                 f"CandidateConfig.nprobe={self.nprobe} exceeds nlist={self.nlist}; "
@@ -256,6 +257,9 @@ class CandidateIndex:
             if not (folder / name).is_file():
                 raise StoreError(f"no candidate index in {folder}: {name} is missing; rebuild and save the index")
         manifest = _read_json(folder / MANIFEST_FILE)
+        missing = [key for key in MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise StoreError(f"{folder / MANIFEST_FILE} lacks {missing} (damaged?); delete {folder} and rebuild")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{folder / MANIFEST_FILE} has format version {manifest.get('format_version')!r}, "

@@ -7,6 +7,7 @@ so a typo in a config file never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,51 @@ C = TypeVar("C")
 DEFAULT_DAMPING = 0.0
 """The library's one default damping of ``H + damping·I`` (absolute): none. Models whose Hessian is not positive
 definite need more; each recipe sets its own (``Recipe.damping``) and says why."""
+
+
+SHOWN_CHARS = 200
+"""How much of a user's value an error message echoes: a 30,000-character label is cut to this."""
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long it was, for echoing in error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_number(
+    key: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    optional: bool = False,
+) -> None:
+    """Refuse a numeric option that is of the wrong type, not finite, or out of range, naming its config ``key``.
+
+    ``minimum``/``maximum`` are inclusive, ``above``/``below`` exclusive bounds; ``optional`` lets ``None`` (unset)
+    pass. Every typed config checks its numbers through here, so each refusal reads the same.
+    """
+    if value is None and optional:
+        return
+    positive = integer and minimum == 1 and maximum is None and below is None
+    kind = "a positive integer" if positive else "an integer" if integer else "a finite number"
+    bounds = [
+        f">= {minimum}" if minimum is not None and not positive else "",
+        f"> {above}" if above is not None else "",
+    ]
+    bounds += [f"<= {maximum}" if maximum is not None else "", f"< {below}" if below is not None else ""]
+    requirement = " and ".join(bound for bound in bounds if bound)
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+    ok = not wrong_type and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        wanted = " ".join(part for part in (kind, requirement, "(or unset)" if optional else "") if part)
+        raise ConfigError(f"{key} must be {wanted}, got {shown(value)}", key)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -46,14 +92,14 @@ def _check_type(cls: type, name: str, annotation: Any, value: Any) -> Any:
                 return _check_type(cls, name, option, value)
             except ConfigError:
                 continue
-        raise ConfigError(f"{cls.__name__}.{name}: {value!r} matches none of {annotation}")
+        raise ConfigError(f"{cls.__name__}.{name}: {shown(value)} matches none of {annotation}")
     if annotation is type(None):
         if value is None:
             return None
     elif origin is typing.Literal:
         if value in typing.get_args(annotation):
             return value
-        raise ConfigError(f"{cls.__name__}.{name} must be one of {typing.get_args(annotation)}, got {value!r}")
+        raise ConfigError(f"{cls.__name__}.{name} must be one of {typing.get_args(annotation)}, got {shown(value)}")
     elif origin is tuple:
         if isinstance(value, list | tuple):
             (item_type, *_rest) = typing.get_args(annotation) or (Any,)
@@ -76,7 +122,7 @@ def _check_type(cls: type, name: str, annotation: Any, value: Any) -> Any:
         return config_from_dict(annotation, value)
     elif isinstance(annotation, type) and isinstance(value, annotation):
         return value
-    raise ConfigError(f"{cls.__name__}.{name}: expected {annotation}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{cls.__name__}.{name}: expected {annotation}, got {type(value).__name__} {shown(value)}")
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:

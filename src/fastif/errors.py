@@ -8,7 +8,14 @@ class FastIFError(Exception):
 
 
 class ConfigError(FastIFError, ValueError):
-    """A configuration value or file is invalid (unknown key, wrong type, out of range)."""
+    """A configuration value or file is invalid (unknown key, wrong type, out of range).
+
+    ``key`` is the dotted config key at fault, when there is one, so the CLI can name its command-line flag too.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(FastIFError, ValueError):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
+from ..config import shown
 from ..errors import FastIFError
 from .applications import add_experiment_commands, add_report_command
-from .options import EXIT_USAGE, _Parser
+from .options import EXIT_USAGE, _Parser, shorten
 from .pipeline import add_pipeline_commands
 from .store import add_store_commands
 
@@ -61,15 +63,29 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
+def _note(message: Warning | str, *_details: object, **_more: object) -> None:
+    """Print a warning as one ``fastif: note:`` line instead of Python's two-line warning block."""
+    print(f"fastif: note: {shorten(str(message))}", file=sys.stderr)
+
+
 def run_command(command: Callable[[], int], debug: bool = False) -> int:
-    """Run a command the CLI's way: a FastIFError prints one line and gives 2 (``debug`` re-raises it); Ctrl-C or
-    SIGTERM print one line and give 128 + the signal number."""
+    """Run a command the CLI's way: a FastIFError prints one line and gives 2 (``debug`` re-raises it), as does an
+    OSError about a path the user gave (a name too long, a folder where a file belongs); a warning prints one
+    ``fastif: note:`` line; Ctrl-C or SIGTERM print one line and give 128 + the signal number."""
     try:
-        return command()
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _note
+            return command()
     except FastIFError as error:
         if debug:
             raise
-        print(f"fastif: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"fastif: error: {shorten(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        if debug or error.filename is None:
+            raise
+        print(f"fastif: error: cannot use {shown(error.filename)}: {error.strerror}; check the path", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

@@ -19,6 +19,7 @@ from ..applications.simulatability import SimulatabilityConfig, format_headline,
 from ..applications.simulatability.config import RESULTS_FILE as SIMULATABILITY_FILE
 from ..errors import DataError
 from ..files import check_fresh, check_writable
+from .options import _positive, _positive_number, _seed
 
 RESULTS_ROOT = Path("fastif-results")
 """Where the applications write by default: ``fastif-results/<command>`` (never the repository's benchmarks/)."""
@@ -63,11 +64,11 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("hans", "anli"), default=None, help="HANS (2-class) or ANLI (3-class)")
     parser.add_argument("--config", type=Path, default=None, help="ExperimentConfig JSON (e.g. a saved config.json)")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="run a single seed")
-    seeds.add_argument("--seeds", type=int, nargs="+", default=None, help="run these seeds (default 0 1 2 3 4)")
-    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run (default 10)")
+    seeds.add_argument("--seed", type=_seed, default=None, help="run a single seed")
+    seeds.add_argument("--seeds", type=_seed, nargs="+", default=None, help="run these seeds (default 0 1 2 3 4)")
+    parser.add_argument("--steps", type=_positive, default=None, help="SGD steps per run (default 10)")
     parser.add_argument("--groups", nargs="+", default=None, help="HANS heuristics / ANLI rounds to anchor on")
-    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 1e-4)")
+    parser.add_argument("--lr", type=_positive_number, default=None, help="SGD learning rate (default 1e-4)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke setting (1 seed, tiny sizes)")
     parser.add_argument(
         "--output", type=Path, default=None, help="results folder (default fastif-results/EXPERIMENT_TASK)"
@@ -77,7 +78,7 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", type=Path, default=None, help="encodings cache (default ~/.cache/fastif/experiments)"
     )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen bottom's encodings")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -135,12 +136,14 @@ def _progress(message: str) -> None:
 
 def _simulatability_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a 2-3 minute smoke run")
-    parser.add_argument("--n-test", type=int, default=None, help="correct and wrong test points each (default 8)")
-    parser.add_argument("--candidates", type=int, default=None, help="kNN candidates per test point (default 160)")
+    parser.add_argument("--n-test", type=_positive, default=None, help="correct and wrong test points each (default 8)")
+    parser.add_argument(
+        "--candidates", type=_positive, default=None, help="kNN candidates per test point (default 160)"
+    )
     parser.add_argument("--solver", choices=("lissa", "identity"), default=None, help="inverse-HVP (default lissa)")
     parser.add_argument("--output", type=Path, default=RESULTS_ROOT / "simulatability", help="results folder")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(handler=_simulatability_command)
 
@@ -177,13 +180,15 @@ def _simulatability_command(args: argparse.Namespace) -> int:
 
 def _graph_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    parser.add_argument("--per-group", type=int, default=None, help="test points per group (default 10)")
-    parser.add_argument("--candidates", type=int, default=None, help="kNN candidates per test point (default 100)")
+    parser.add_argument("--per-group", type=_positive, default=None, help="test points per group (default 10)")
+    parser.add_argument(
+        "--candidates", type=_positive, default=None, help="kNN candidates per test point (default 100)"
+    )
     parser.add_argument("--select", choices=("wrong", "any"), default=None, help="test points (default: wrong)")
     parser.add_argument("--output", type=Path, default=RESULTS_ROOT / "influence-graph", help="run folder")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-screenshot", action="store_true", help="skip the headless-Chromium screenshot")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.set_defaults(handler=_graph_command)
 

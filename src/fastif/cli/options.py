@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import SHOWN_CHARS
+from ..errors import ConfigError
 from ..solvers import SOLVERS
 
 EXIT_USAGE = 2
@@ -19,7 +22,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a one-line FastIF-style error with exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"fastif: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"fastif: error: {shorten(message)} (see '{self.prog} --help')\n")
+
+
+def shorten(message: str) -> str:
+    """``message`` in one line, each overlong word (an echoed value) cut to about :data:`SHOWN_CHARS` characters."""
+    words = message.split()
+    return " ".join(
+        word if len(word) <= SHOWN_CHARS else f"{word[:SHOWN_CHARS]}... ({len(word)} characters)" for word in words
+    )
 
 
 # ---------------------------------------------------------------------------------------------- option table
@@ -251,6 +262,24 @@ TRAIN = (
 )
 
 
+def _flags_by_key() -> dict[str, str]:
+    """Each config key's command-line flags (``solver.damping`` -> ``--damping``), for naming both in errors."""
+    flags: dict[str, str] = {}
+    for _title, options in (MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL, TRAIN):
+        for option in options:
+            flags.setdefault(option.key, "/".join(option.flags))
+    return flags
+
+
+def _name_the_flag(error: ConfigError) -> ConfigError:
+    """``error`` with its config key prefixed by the key's flag: "--damping (solver.damping) must be ..."."""
+    flag = _flags_by_key().get(error.key or "")
+    if flag is None:
+        return error
+    message = re.sub(rf"(?<![\w.-]){re.escape(str(error.key))}(?![\w.])", f"{flag} ({error.key})", str(error), count=1)
+    return ConfigError(message.removeprefix("options: "), error.key)
+
+
 def _shown_default(value: Any) -> str:
     """A config default as the command line would spell it (lists comma-separated)."""
     return ",".join(str(item) for item in value) if isinstance(value, (tuple, list)) else str(value)
@@ -286,11 +315,36 @@ def _pipeline_config(args: argparse.Namespace, defaults: dict[str, Any] | None =
     """Defaults < subcommand defaults < ``--config`` file < command-line options."""
     from ..pipeline import PipelineConfig, load_pipeline_config, with_overrides
 
-    config = with_overrides(PipelineConfig(), defaults or {})
-    if args.config is not None:
-        config = load_pipeline_config(args.config, config)
-    given = {key.removeprefix(KEY_PREFIX): value for key, value in vars(args).items() if key.startswith(KEY_PREFIX)}
-    return with_overrides(config, given)
+    try:
+        config = with_overrides(PipelineConfig(), defaults or {})
+        if args.config is not None:
+            config = load_pipeline_config(args.config, config)
+        given = {key.removeprefix(KEY_PREFIX): value for key, value in vars(args).items() if key.startswith(KEY_PREFIX)}
+        return with_overrides(config, given)
+    except ConfigError as error:
+        raise _name_the_flag(error) from None
+
+
+def _seed(value: str) -> int:
+    """A random seed: an integer in [0, 2**32), as torch and numpy take."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {value!r}")
+    return number
+
+
+def _positive_number(value: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return number
 
 
 def _positive(value: str) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..files import atomic_dir, check_fresh, check_writable
 from .options import (
     CANDIDATES,
@@ -25,6 +25,7 @@ from .options import (
     _add_options,
     _pipeline_config,
     _positive,
+    _seed,
 )
 
 DEMO_FOLDER = "fastif-results/demo"
@@ -77,14 +78,31 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
 
 def _check_outputs(config: Any, index: bool, results: bool = True) -> None:
     """Refuse an unwritable results folder (and index folder, when the index is used), or one holding a finished run
-    (unless --overwrite) when ``results`` will be written, before any model or index work."""
+    (unless --overwrite) when ``results`` will be written, before any model or index work; an ``--index-dir``
+    holding other files than a fastif store is refused before anything is written into it."""
     from ..pipeline.output import REPORT_FILE
 
     check_writable(config.output.folder)
     if results:
         check_fresh(config.output.folder, REPORT_FILE, config.output.overwrite)
     if index:
-        check_writable(config.output.index_path, "--index-dir")
+        folder = check_writable(config.output.index_path, "--index-dir")
+        _check_index_folder(folder, given=config.output.index_folder is not None)
+
+
+def _check_index_folder(folder: Path, given: bool) -> None:
+    """Refuse a non-empty index folder without a store manifest (e.g. a results folder), naming the option."""
+    from ..store.store import LOCK_FILE, MANIFEST_FILE
+
+    if not folder.is_dir() or (folder / MANIFEST_FILE).is_file():
+        return
+    others = sorted(path.name for path in folder.iterdir() if path.name != LOCK_FILE)
+    if others:
+        option = "--index-dir" if given else "--output (its index/ folder)"
+        raise OutputError(
+            f"{folder} is not empty and is not a fastif index store (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose another {option}"
+        )
 
 
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
@@ -230,11 +248,11 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "-k",
         "--top-k",
         dest="k",
-        type=int,
+        type=_positive,
         default=tabular.k,
         help="helpful and harmful points shown per test point (default: %(default)s)",
     )
     example.add_argument("--output", type=Path, default=None, help="also write the results to this folder")
-    example.add_argument("--seed", type=int, default=tabular.seed, help="random seed (default: %(default)s)")
+    example.add_argument("--seed", type=_seed, default=tabular.seed, help="random seed (default: %(default)s)")
     example.add_argument("--debug", action="store_true", help="show tracebacks")
     example.set_defaults(handler=_example)

@@ -19,12 +19,13 @@ Rows = list[tuple[int, dict[str, Any]]]
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    """Open a plain or gzip'd UTF-8 text file, turning a missing file into a DataError with a fix."""
+    """Open a plain or gzip'd UTF-8 text file (with or without a byte-order mark), turning a missing file into a
+    DataError with a fix."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path (or name a bundled set of the recipe)")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[return-value]
+    return open(path, encoding="utf-8-sig", newline="")  # utf-8-sig: drops the byte-order mark Excel writes
 
 
 def numbered_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -66,7 +67,10 @@ def file_format(path: Path, fmt: str) -> str:
     last = suffixes[-1] if suffixes else ""
     formats = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
     if last not in formats:
-        raise DataError(f"{path}: cannot tell the format from the name; rename it or set format='jsonl'|'csv'|'tsv'")
+        raise DataError(
+            f"{path}: cannot tell the format from the name; rename it to end in .jsonl, .csv or .tsv "
+            "(.gz allowed after it)"
+        )
     return formats[last]
 
 

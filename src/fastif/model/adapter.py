@@ -128,8 +128,8 @@ class ModelAdapter(ABC):
         self.model = model.eval()
         self.unsupported: set[str] = set()
         self.config = config or AdapterConfig()
-        if self.config.l2 < 0:
-            raise ModelError(f"l2 must be >= 0, got {self.config.l2}")
+        if not 0 <= self.config.l2 < math.inf:
+            raise ModelError(f"l2 must be >= 0 and finite, got {self.config.l2}")
         named = dict(model.named_parameters())
         if not named:
             raise ModelError("the model has no parameters to take influence over")

@@ -18,29 +18,75 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import shown
 from ..errors import ConfigError, ModelError
 
 L2_EXCLUDE: tuple[str, ...] = ("*bias", "*LayerNorm*", "*layernorm*", "*layer_norm*")
 """Parameters the L2 term leaves out (globs): biases and LayerNorm parameters, as FastIF and BERT training do."""
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""Files one of which a checkpoint folder's tokenizer needs: without them transformers builds an empty tokenizer."""
+PICKLED_WEIGHTS = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
+"""Weight files that are pickles: fastif never loads them."""
+OFFLINE_HINT = "fastif works offline: give the path of a local checkpoint folder (a hub name is fetched only online)"
+
+
 def _resolve(path_or_name: str | os.PathLike[str]) -> tuple[str, bool]:
-    """``(name, is_local)`` for a checkpoint folder or a hub name."""
+    """``(name, is_local)`` for a checkpoint folder or a hub name; a path that names no folder is refused."""
     name = str(path_or_name)
-    return name, Path(name).is_dir()
+    path = Path(name)
+    if path.is_dir():
+        return name, True
+    first = Path(path.parts[0]) if path.parts else path
+    looks_local = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or first.is_dir()
+    if path.exists() or looks_local:
+        raise ModelError(f"{shown(name)} is not a checkpoint folder (no such folder); {OFFLINE_HINT}")
+    return name, False
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse a checkpoint folder whose weights are a pickle or whose safetensors files are damaged, naming the file."""
+    import safetensors
+
+    tensors = sorted(folder.glob("*.safetensors"))
+    pickled = sorted({path for pattern in PICKLED_WEIGHTS for path in folder.glob(pattern)})
+    if not tensors and pickled:
+        raise ModelError(
+            f"{pickled[0]} is a pickled PyTorch checkpoint, and fastif never unpickles (a pickle can run code); "
+            "convert it to safetensors where you trust it: model.save_pretrained(folder, safe_serialization=True)"
+        )
+    for path in tensors:
+        try:
+            with safetensors.safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError (truncated file, bad header)
+            raise ModelError(f"{path} is damaged ({error}); copy or save the checkpoint again") from None
 
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars (e.g. the expected 'classifier MISSING' notice)."""
+    """Silence transformers' load report and progress bars (e.g. the expected 'classifier MISSING' notice) and the
+    hub client's retry messages."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_verbosity = hub_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        hub_logging.set_verbosity(hub_verbosity)
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
@@ -52,15 +98,30 @@ def _load_hint(is_local: bool) -> str:
     return "give a local checkpoint folder, or a hub name while online"
 
 
+def _not_fetched(name: str, what: str) -> ModelError:
+    """The one-line error for a hub name that could not be loaded (offline, or no such model)."""
+    return ModelError(
+        f"cannot load a {what} from {shown(name)}: it is not a local folder and was not found online; {OFFLINE_HINT}"
+    )
+
+
 def load_tokenizer(path_or_name: str | os.PathLike[str]) -> Any:
-    """The tokenizer of a local checkpoint folder or a hub name."""
+    """The tokenizer of a local checkpoint folder or a hub name; a folder without tokenizer files is refused."""
     from transformers import AutoTokenizer
 
     name, local = _resolve(path_or_name)
+    if local and not any((Path(name) / file).is_file() for file in TOKENIZER_FILES):
+        raise ModelError(
+            f"no tokenizer in {name} (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer there "
+            "too: tokenizer.save_pretrained(folder)"
+        )
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a tokenizer from {name!r} ({error}); {_load_hint(local)}") from None
+    except Exception as error:  # tokenizers and transformers raise many types for a damaged or missing file
+        if not local:
+            raise _not_fetched(name, "tokenizer") from None
+        message = " ".join(str(error).split())[:300]
+        raise ModelError(f"cannot load a tokenizer from {name!r} ({message}); {_load_hint(local)}") from None
 
 
 def load_classifier(
@@ -84,11 +145,17 @@ def load_classifier(
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    with quiet_transformers() if quiet else nullcontext():
+    if local:
+        _check_weights(Path(name))
+        kwargs["use_safetensors"] = True  # never fall back to a pickled pytorch_model.bin
+    with quiet_transformers() if quiet or not local else nullcontext():
         try:
             model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
         except (OSError, ValueError, RuntimeError) as error:
-            raise ModelError(f"cannot load a classifier from {name!r} ({error}); {_load_hint(local)}") from None
+            if not local:
+                raise _not_fetched(name, "classifier") from None
+            message = " ".join(str(error).split())[:300]
+            raise ModelError(f"cannot load a classifier from {name!r} ({message}); {_load_hint(local)}") from None
     return model.eval()
 
 

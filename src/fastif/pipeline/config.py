@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..candidates import CandidateConfig
-from ..config import config_from_dict, config_to_dict
+from ..config import check_number, config_from_dict, config_to_dict
 from ..errors import ConfigError
 from ..gradient_store import GradientStoreConfig
 from ..model.frozen import FrozenMode
@@ -69,10 +69,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """Refuse sizes that cannot work."""
-        if self.max_length < 2:
-            raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
-        if self.train_size is not None and self.train_size < 1:
-            raise ConfigError(f"data.train_size must be positive (or unset for all), got {self.train_size}")
+        check_number("data.max_length", self.max_length, integer=True, minimum=2)
+        check_number("data.train_size", self.train_size, integer=True, minimum=1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -95,13 +93,11 @@ class ParameterConfig:
     frozen: FrozenMode = "auto"
 
     def __post_init__(self) -> None:
-        """Refuse a negative layer count or L2 term, or an unknown frozen mode."""
-        if self.top_layers < 0:
-            raise ConfigError(f"parameters.top_layers must be >= 0, got {self.top_layers}")
+        """Refuse a negative layer count, a negative or infinite L2 term, or an unknown frozen mode."""
+        check_number("parameters.top_layers", self.top_layers, integer=True, minimum=0)
         if self.frozen not in ("auto", "on", "off"):
             raise ConfigError(f"parameters.frozen must be 'auto', 'on' or 'off', got {self.frozen!r}")
-        if self.l2 is not None and self.l2 < 0:
-            raise ConfigError(f"parameters.l2 must be >= 0, got {self.l2}")
+        check_number("parameters.l2", self.l2, minimum=0, optional=True)
 
 
 @dataclass(frozen=True)
@@ -132,12 +128,8 @@ class CandidatesConfig:
             raise ConfigError(
                 f"candidates.method must be 'auto', 'features', 'all' or 'gradients', got {self.method!r}"
             )
-        if self.count is not None and self.count < 1:
-            raise ConfigError(
-                f"candidates.count must be positive (or unset to score every training point), got {self.count}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"candidates.batch_size must be positive, got {self.batch_size}")
+        check_number("candidates.count", self.count, integer=True, minimum=1, optional=True)
+        check_number("candidates.batch_size", self.batch_size, integer=True, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -168,18 +160,18 @@ class SolverStageConfig:
     hessian_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        """Refuse an unknown solver, non-positive sizes and a negative damping."""
+        """Refuse an unknown solver, non-positive sizes, a negative or non-finite damping, a non-positive scale, a tail
+        outside [0, 1)."""
         if self.method not in SOLVERS:
             raise ConfigError(f"solver.method must be one of {sorted(SOLVERS)}, got {self.method!r}")
         sizes = ("depth", "batch_size", "scale_samples", "power_iterations", "max_iterations", "rank")
-        bad = [name for name in sizes if getattr(self, name) < 1]
-        bad += [name for name in ("repeats", "workers") if getattr(self, name) is not None and getattr(self, name) < 1]
-        if self.hessian_batch_size < 1:
-            bad.append("hessian_batch_size")
-        if bad:
-            raise ConfigError(f"solver.{bad[0]} must be a positive integer, got {getattr(self, bad[0])!r}")
-        if self.damping is not None and not self.damping >= 0:
-            raise ConfigError(f"solver.damping must be >= 0, got {self.damping}")
+        for name in (*sizes, "hessian_batch_size"):
+            check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1)
+        for name in ("repeats", "workers"):
+            check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1, optional=True)
+        check_number("solver.damping", self.damping, minimum=0, optional=True)
+        check_number("solver.scale", self.scale, above=0, optional=True)
+        check_number("solver.tail_average", self.tail_average, minimum=0, below=1)
 
 
 @dataclass(frozen=True)
@@ -206,12 +198,14 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         """Refuse sizes that select nothing."""
-        if self.top_k < 1 or self.batch_size < 1 or self.pool < 1:
-            raise ConfigError("scoring.top_k, scoring.batch_size and scoring.pool must be positive")
-        if self.correct < 0 or self.wrong < 0 or self.correct + self.wrong == 0:
-            raise ConfigError("scoring.correct and scoring.wrong must be >= 0 and not both 0")
-        if any(i < 0 for i in self.test_indices):
-            raise ConfigError(f"scoring.test_indices must be >= 0, got {list(self.test_indices)}")
+        for name in ("top_k", "batch_size", "pool"):
+            check_number(f"scoring.{name}", getattr(self, name), integer=True, minimum=1)
+        for name in ("correct", "wrong"):
+            check_number(f"scoring.{name}", getattr(self, name), integer=True, minimum=0)
+        if self.correct + self.wrong == 0:
+            raise ConfigError("scoring.correct and scoring.wrong must not both be 0", "scoring.correct")
+        for index in self.test_indices:
+            check_number("scoring.test_indices", index, integer=True, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -245,6 +239,10 @@ class PipelineConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        """Refuse a seed that torch and numpy cannot take (they need 0 <= seed < 2**32)."""
+        check_number("seed", self.seed, integer=True, minimum=0, below=2**32)
+
 
 def _check_keys(cls: type, data: Any, source: str, table: str = "") -> None:
     """Refuse unknown keys in ``data`` and in its nested stage tables, naming the table and the key."""
@@ -268,7 +266,7 @@ def config_from_mapping(data: Any, source: str = "config") -> PipelineConfig:
     try:
         return config_from_dict(PipelineConfig, data)
     except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        raise ConfigError(f"{source}: {error}", error.key) from None
 
 
 def _parse(path: Path) -> Any:
@@ -277,9 +275,13 @@ def _parse(path: Path) -> Any:
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"config file {path}: unknown format {suffix or '(none)'!r}; use .toml, .yaml, .yml or .json")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, Excel) is dropped
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
     try:
         if suffix == ".toml":
             if sys.version_info >= (3, 11):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -78,8 +79,8 @@ def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) 
 
 
 def _check_damping(damping: float) -> None:
-    if not damping >= 0:
-        raise SolverError(f"damping must be >= 0, got {damping}")
+    if not 0 <= damping < math.inf:
+        raise SolverError(f"damping must be >= 0 and finite, got {damping}")
 
 
 def solver_from_config(config: Any) -> Solver:

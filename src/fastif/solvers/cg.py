@@ -42,6 +42,8 @@ class CG(Solver, name="cg"):
         _check_damping(self.config.damping)
         if self.config.max_iterations < 1:
             raise SolverError(f"CG max_iterations must be at least 1, got {self.config.max_iterations}")
+        if not 0 < self.config.tolerance < math.inf:
+            raise SolverError(f"CG tolerance must be a finite number > 0, got {self.config.tolerance}")
         return super().fit(hessian)  # type: ignore[return-value]
 
     def solve(self, vectors: Tensor) -> SolveResult:

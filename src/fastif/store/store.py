@@ -151,6 +151,7 @@ class Store:
         if folder.exists() and not folder.is_dir():
             raise StoreError(f"{folder} exists and is not a folder; choose another --output")
         folder.mkdir(parents=True, exist_ok=True)
+        new_lock = not (folder / LOCK_FILE).exists()
         lock = _take_lock(folder)
         try:
             existing = _read_manifest(folder)
@@ -164,6 +165,8 @@ class Store:
             if existing is None or overwrite:
                 atomic_write_json(folder / MANIFEST_FILE, expected)
         except BaseException:
+            if new_lock:  # a refused folder keeps no trace of the attempt
+                (folder / LOCK_FILE).unlink(missing_ok=True)
             lock.close()
             raise
         return cls(folder, expected, lock)

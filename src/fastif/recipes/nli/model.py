@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...config import config_from_dict, config_to_dict, save_config
+from ...config import check_number, config_from_dict, config_to_dict, save_config, shown
 from ...data.text import TextPairData, TextRecord, records_fingerprint
 from ...errors import ConfigError, ModelError, StoreError
 from ...files import atomic_dir, atomic_write_json, cache_dir, check_writable
@@ -143,27 +143,24 @@ class NLITrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {
-            "num_labels": self.num_labels in (2, 3),
-            "train_size": 1 <= self.train_size <= 8000,
-            "validation_size": 1 <= self.validation_size <= 815,
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 1,
-            "max_length": self.max_length >= 8,
-            "frozen_layers": self.frozen_layers >= 0,
-            "l2": self.l2 >= 0,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "max_grad_norm": self.max_grad_norm > 0,
+        """Refuse options training cannot run with (each named by its config key under ``model.recipe``)."""
+        if self.num_labels not in (2, 3):
+            raise ConfigError(f"model.recipe.num_labels must be 2 or 3, got {shown(self.num_labels)}")
+        integers = {
+            "train_size": {"minimum": 1, "maximum": 8000},
+            "validation_size": {"minimum": 1, "maximum": 815},
+            "epochs": {"minimum": 1},
+            "batch_size": {"minimum": 1},
+            "max_length": {"minimum": 8},
+            "frozen_layers": {"minimum": 0},
+            "seed": {"minimum": 0, "below": 2**32},
         }
-        bad = [key for key, ok in checks.items() if not ok]
-        if bad:
-            values = {key: getattr(self, key) for key in bad}
-            raise ConfigError(
-                f"NLITrainConfig: invalid {values}; need num_labels 2|3, train_size 1..8000, "
-                "validation_size 1..815, epochs/batch_size >= 1, lr > 0, max_length >= 8, "
-                "frozen_layers >= 0, l2 >= 0, 0 <= warmup_ratio < 1, max_grad_norm > 0"
-            )
+        numbers = {"lr": {"above": 0}, "l2": {"minimum": 0}, "warmup_ratio": {"minimum": 0, "below": 1}}
+        numbers["max_grad_norm"] = {"above": 0}
+        for name, bounds in integers.items():
+            check_number(f"model.recipe.{name}", getattr(self, name), integer=True, **bounds)
+        for name, bounds in numbers.items():
+            check_number(f"model.recipe.{name}", getattr(self, name), **bounds)
 
 
 @dataclass

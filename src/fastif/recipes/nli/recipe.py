@@ -52,6 +52,18 @@ def _text_config(loaded: LoadedModel, data: DataConfig, **where: Any) -> TextDat
     )
 
 
+def _max_length(loaded: LoadedModel, data: DataConfig) -> int:
+    """``data.max_length``, refused when the model has fewer position embeddings (it would fail on long pairs)."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and data.max_length > positions:
+        raise ConfigError(
+            f"--max-length (data.max_length) is {data.max_length} but the model reads at most {positions} tokens; "
+            f"set it to {positions} or less",
+            "data.max_length",
+        )
+    return data.max_length
+
+
 class NLIRecipe:
     """MiniLM on NLI. Damping 0.3 makes H + damping·I positive definite for the embedded model's pooler +
     classifier (its Hessian's smallest eigenvalue is about -0.14, docs/study.md); other models may need more."""
@@ -121,7 +133,7 @@ class NLIRecipe:
                 records = records[: loaded.options.train_size]
             if data.train_size is not None:
                 records = records[: data.train_size]
-        return TextPairData(records, loaded.tokenizer, data.max_length, loaded.label_names)
+        return TextPairData(records, loaded.tokenizer, _max_length(loaded, data), loaded.label_names)
 
     def text_example(
         self, loaded: LoadedModel, data: DataConfig, text: str, text_pair: str | None, label: str
@@ -139,7 +151,7 @@ class NLIRecipe:
             label_map=loaded.label_map,
         )
         records = records_from_rows([(1, row)], config.columns, "--premise/--hypothesis/--label")
-        return TextPairData(records, loaded.tokenizer, data.max_length, loaded.label_names)
+        return TextPairData(records, loaded.tokenizer, _max_length(loaded, data), loaded.label_names)
 
     def describe(self, data: TextPairData, index: int) -> dict[str, Any]:
         """An NLI example as id, premise, hypothesis and label."""
