@@ -190,7 +190,7 @@ CANDIDATES = (
 SOLVER = (
     "s_test solver",
     (
-        _Option(("--solver",), "solver.method", "inverse-HVP solver", str, tuple(SOLVERS)),
+        _Option(("--solver",), "solver.method", "inverse-HVP solver", str, tuple(sorted(SOLVERS))),
         _Option(
             ("--damping",), "solver.damping", "damping added to the Hessian (absolute; default: the recipe's)", float
         ),
