@@ -242,7 +242,10 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "--dataset", default=tabular.dataset, help="breast_cancer, digits, wine or iris (default: %(default)s)"
     )
     example.add_argument(
-        "--solver", default=tabular.solver, choices=tuple(sorted(SOLVERS)), help="inverse-HVP solver (default: %(default)s)"
+        "--solver",
+        default=tabular.solver,
+        choices=tuple(sorted(SOLVERS)),
+        help="inverse-HVP solver (default: %(default)s)",
     )
     example.add_argument(
         "-k",
