@@ -444,7 +444,8 @@ class Pipeline:
             )
         for name, seconds in result.timings.items():
             self.timings[name] = self.timings.get(name, 0.0) + seconds
-        return result, {**run, "warnings": [str(warning.message) for warning in caught]}
+        notes = [str(warning.message) for warning in caught if issubclass(warning.category, RuntimeWarning)]
+        return result, {**run, "warnings": list(dict.fromkeys(notes))}  # the solver's own notes, each once
 
     def _rows(self, indices: Tensor, scores: Tensor) -> list[dict[str, Any]]:
         """Training points as JSON rows: rank, index, the recipe's display columns, and score."""
