@@ -383,8 +383,9 @@ def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
     first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
     assert first.endswith('pip install -e ".[nli]" && fastif demo')
     defaults = PipelineConfig()
-    assert (defaults.candidates.count, defaults.solver.depth, defaults.scoring.top_k) == (100, 500, 5)
-    assert "100 nearest training pairs" in readme and "500 steps each" in readme
+    assert (defaults.candidates.method, defaults.parameters.top_layers, defaults.solver.depth) == ("auto", 0, 500)
+    assert defaults.scoring.top_k == 5 and defaults.parameters.frozen == "auto"
+    assert "all 8,000 training pairs" in readme and "500 steps each" in readme and "pooler + classifier" in readme
 
 
 def test_the_demo_replaces_its_own_results_when_rerun(tiny, tmp_path, monkeypatch, capsys):
