@@ -7,8 +7,9 @@
 
 The store is built by :meth:`fastif.influence.Influence.build_gradient_store` (frozen path by ``frozen``, as the
 facade does), so reopening it with an Influence of the same adapter, data and frozen mode reuses every shard.
-transformers is imported only when :class:`GradientStoreCallback` is first looked up, so ``import fastif`` (and
-this module) works without it. Only the main process (``state.is_world_process_zero``) builds.
+Needs the ``trainer`` extra (transformers + accelerate, which the HF Trainer requires). transformers is imported
+only when :class:`GradientStoreCallback` is first looked up, so ``import fastif`` (and this module) works without
+it. Only the main process (``state.is_world_process_zero``) builds.
 """
 
 from __future__ import annotations
