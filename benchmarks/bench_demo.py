@@ -58,7 +58,6 @@ def run_demo(workdir: Path, env: dict[str, str], label: str) -> dict[str, Any]:
         "cpu_s": round(child_cpu_seconds() - cpu_before, 1),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "other_processes_busy": "other engineers' test runs shared the 2 cores (see the load averages)",
         "stage_times": stage_times(done.stdout),
         "target_s": TARGETS_S[label],
     }
