@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,19 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return f"load average: {load_average()}"
+
+
+def provenance(module: str, argv: Sequence[str] | None, started: str, load_before: list[float]) -> dict[str, Any]:
+    """What every results file records: the command line, the uptime and load before and after, machine, versions."""
+    return {
+        "command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "uptime_before": started,
+        "uptime_after": uptime(),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "machine": machine(),
+        "versions": versions(),
+    }
 
 
 def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:

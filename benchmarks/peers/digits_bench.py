@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars; must precede every tqdm import
 
 import argparse
-import sys
 import time
 import warnings
 from typing import Any
@@ -36,7 +35,15 @@ from fastif.evaluation import (
     score_correlation,
 )
 
-from .common import interleaved, load_average, machine, markdown_table, set_threads, uptime, versions, write_results
+from .common import (
+    interleaved,
+    load_average,
+    markdown_table,
+    provenance,
+    set_threads,
+    uptime,
+    write_results,
+)
 from .digits_problems import DigitsProblem, DigitsSpec, build_problem
 from .methods import Method, Settings, all_methods
 
@@ -265,13 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             results[f"b_{kind}"] = task_b(flipped, methods, args)
             tables.append(table_b(kind, results[f"b_{kind}"]))
     payload = {
-        "command": "python -m benchmarks.peers.digits_bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "uptime_before": started,
-        "uptime_after": uptime(),
-        "load_before": load_before,
-        "load_after": load_average(),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance("benchmarks.peers.digits_bench", argv, started, load_before),
         "settings": vars(Settings()),
         "args": vars(args),
         "results": results,

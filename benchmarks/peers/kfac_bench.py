@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # kronfluence's progress bars; must precede every tqdm import
 
 import argparse
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +37,15 @@ from fastif import CG, Exact, Hessian, Influence, ScoreConfig, Solver
 from fastif.evaluation import score_correlation
 from fastif.solvers.kfac import EKFAC, KFAC, PCG, EKFACConfig
 
-from .common import interleaved, load_average, machine, markdown_table, set_threads, uptime, versions, write_results
+from .common import (
+    interleaved,
+    load_average,
+    markdown_table,
+    provenance,
+    set_threads,
+    uptime,
+    write_results,
+)
 from .digits_bench import LDSCache
 from .digits_problems import DigitsProblem, DigitsSpec, build_problem
 from .methods import Settings, kronfluence_method
@@ -280,13 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.nli_train:
         results["nli"] = nli(args)
     payload = {
-        "command": "python -m benchmarks.peers.kfac_bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "uptime_before": started,
-        "uptime_after": uptime(),
-        "load_before": load_before,
-        "load_after": load_average(),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance("benchmarks.peers.kfac_bench", argv, started, load_before),
         "args": vars(args),
         "results": results,
         "notes": NOTES,

@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars; must precede every tqdm import
 
 import argparse
-import sys
 import time
 import warnings
 from typing import Any
@@ -30,7 +29,7 @@ from scipy import stats
 
 from fastif.evaluation import topm_recall
 
-from .common import load_average, machine, markdown_table, set_threads, uptime, versions, write_results
+from .common import load_average, markdown_table, provenance, set_threads, uptime, write_results
 from .nli_methods import RUNNERS, Found, NLISettings
 from .nli_setup import NLIProblem, NLISpec, build_problem, check_head_equivalence, exact_reference
 
@@ -189,15 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"exact reference (not timed against the methods): {reference_seconds:.1f}s, CG {reference['cg']}")
     results = run_methods(problem, settings, args.methods)
     rows = rows_for(results, reference["scores"], settings)
-    command = "python -m benchmarks.peers.nli_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
-        "command": command,
-        "uptime_before": started,
-        "uptime_after": uptime(),
-        "load_before": load_before,
-        "load_after": load_average(),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance("benchmarks.peers.nli_bench", argv, started, load_before),
         "spec": vars(spec),
         "settings": vars(settings),
         "problem": problem.info,
@@ -208,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_ids": problem.train_ids,
     }
     text = (
-        f"# MiniLM NLI: time to the top-10 helpful and harmful training points\n\nCommand: `{command}`\n\n"
+        f"# MiniLM NLI: time to the top-10 helpful and harmful training points\n\nCommand: `{payload['command']}`\n\n"
         f"Load: before `{started}`, after `{payload['uptime_after']}` (2 shared CPU cores, torch threads "
         f"{args.threads}).\n\n{table(rows)}\n\nStages:\n\n{stage_table(rows)}\n"
     )

@@ -301,14 +301,11 @@ class ActivationData:
     ) -> None:
         self.base, self.states, self.first_token_only = base, states, first_token_only
         self.offsets, self.sizes = list(offsets), list(sizes)
+        lengths = getattr(base, "lengths", None)
+        self.lengths = list(self.sizes if lengths is None else lengths)  # so scores and HVPs batch similar lengths
 
     def __len__(self) -> int:
         return len(self.base)
-
-    @property
-    def lengths(self) -> list[int]:
-        """The base examples' lengths (so scores and HVPs batch similar lengths together)."""
-        return list(getattr(self.base, "lengths", self.sizes))
 
     def fingerprint(self) -> str | None:
         """The base dataset's content fingerprint, where it has one (the activations follow from it and the model)."""

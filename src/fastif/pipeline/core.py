@@ -32,7 +32,6 @@ from ..fingerprint import fingerprint_parameters
 from ..gradient_store import BuildReport, GradientStore, ShardDone
 from ..influence import CandidateScores, Influence
 from ..model.adapter import AdapterConfig, HFClassifierAdapter
-from ..model.frozen import find_split
 from ..model.hf import top_layer_parameters
 from ..model.predict import dataset_labels
 from ..runner import RunnerConfig, usable_cores
@@ -217,7 +216,7 @@ class Pipeline:
             self.adapter,
             self.train,
             solver,
-            ScoreConfig(method=self._score_method(), batch_size=scoring.batch_size),
+            ScoreConfig(method=scoring.method, batch_size=scoring.batch_size),
             hessian_batch_size=stage.hessian_batch_size,
             candidates=self.config.candidates.faiss,
             frozen=self.config.parameters.frozen,
@@ -235,16 +234,6 @@ class Pipeline:
             finally:
                 influence.cache = None
         return {"folder": str(store.folder), "loaded": loaded, "split": _describe_split(influence)}
-
-    def _score_method(self) -> str:
-        """``scoring.method``; ``auto`` on a first-token head takes JVP (one pass per test point): the head is so
-        small that per-example gradients cost more than the passes (the demo's 8,000 pairs and 4 test points:
-        0.5 s by JVP against 10 s by gradients, measured on this machine)."""
-        method = self.config.scoring.method
-        if method != "auto":
-            return method
-        split = find_split(self.adapter, self.config.parameters.frozen)
-        return "jvp" if split is not None and split.first_token_only else "auto"
 
     @cached_property
     def index(self) -> CandidateIndex:
