@@ -48,3 +48,11 @@ def bert_adapter():
         include=("bert.encoder.layer.1", "bert.pooler", "classifier"), l2=1e-3, l2_exclude=("*bias", "*LayerNorm*")
     )
     return HFClassifierAdapter(model, config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_root(tmp_path_factory):
+    """Point the cache root at a session folder, so tests never read or fill the user's ``~/.cache/fastif``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTIF_CACHE", str(tmp_path_factory.mktemp("fastif-cache")))
+        yield

@@ -19,7 +19,7 @@ from test_report_run import _pipeline_report
 
 from fastif.cli import run, run_command, stop_on_sigterm
 from fastif.errors import OutputError
-from fastif.files import check_writable
+from fastif.files import cache_dir, check_writable
 from fastif.pipeline import PipelineConfig
 from fastif.recipes.nli import load_embedded
 
@@ -298,10 +298,12 @@ def test_influence_on_a_users_checkpoint_and_jsonl_files(tiny, tmp_path, capsys)
     assert csv_lines[0].startswith("query,test_index") and len(csv_lines) == 1 + 2 * 2 * 2
     saved = json.loads((output / "pipeline_config.json").read_text())
     assert saved["model"]["model"] == str(tiny["model"]) and saved["solver"]["depth"] == 10
-    assert (output / "index" / "faiss" / "index.faiss").is_file()
+    index_folder = Path(report["index"]["folder"])
+    assert (index_folder / "faiss" / "index.faiss").is_file() and index_folder.parent == cache_dir("indexes")
 
 
-def test_influence_on_text_and_the_demo_reuse_one_index(tiny, tmp_path, capsys):
+def test_influence_on_text_and_the_demo_reuse_one_index(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "out"
     text = ["--premise", "A dog runs in the park.", "--hypothesis", "An animal is outside.", "--label", "entailment"]
     assert run(["influence", *tiny_args(tiny, output), *text]) == 0
@@ -311,18 +313,30 @@ def test_influence_on_text_and_the_demo_reuse_one_index(tiny, tmp_path, capsys):
     assert run([*demo, "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("fastif demo:") and "reused" in printed and "times:" in printed
+    elsewhere = tiny_args(tiny, tmp_path / "elsewhere")  # another command and output folder: the same one index
+    assert run(["index", *elsewhere[: elsewhere.index("--candidates")], "--output", str(tmp_path / "other")]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert [path.name for path in (tmp_path / "cache" / "indexes").iterdir()] == [
+        Path(json.loads((output / "influence.json").read_text())["index"]["folder"]).name
+    ]
 
 
-def test_index_subcommand_and_a_mismatched_index(tiny, tmp_path, capsys):
+def test_index_subcommand_and_a_mismatched_index(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "cache"))  # a cache no other test filled
     output = tmp_path / "out"
     assert run(["index", *tiny_args(tiny, output)[:6], "--max-length", "48", "--output", str(output)]) == 0
     assert "built" in capsys.readouterr().out
     assert run(["index", *tiny_args(tiny, output)[:6], "--max-length", "48", "--output", str(output)]) == 0
     assert "reused" in capsys.readouterr().out
     other = ["--model", str(tiny["model"]), "--train", str(tiny["train"]), "--train-size", "20", "--max-length", "48"]
-    assert run(["index", *other, "--output", str(output)]) == 2
+    assert run(["index", *other, "--output", str(output)]) == 0  # other data: its own folder under the cache root
+    assert "20 training points" in capsys.readouterr().out
+    given = ["--output", str(output), "--index-dir", str(tmp_path / "index")]
+    assert run(["index", *tiny_args(tiny, output)[:6], "--max-length", "48", *given]) == 0
+    capsys.readouterr()
+    assert run(["index", *other, *given]) == 2  # an --index-dir made for other data is refused ...
     assert "--overwrite" in one_line_error(capsys)
-    assert run(["index", *other, "--output", str(output), "--overwrite"]) == 0
+    assert run(["index", *other, *given, "--overwrite"]) == 0  # ... or rebuilt when asked
     assert "20 training points" in capsys.readouterr().out
 
 
@@ -494,7 +508,7 @@ def test_a_missing_model_folder_is_one_line_saying_fastif_works_offline(tiny, tm
 def test_a_bit_flipped_index_is_rebuilt_with_one_note_naming_it(tiny, finished, tmp_path, capsys):
     output = tmp_path / "results"
     shutil.copytree(finished, output)
-    index_file = output / "index" / "faiss" / "index.faiss"
+    index_file = Path(json.loads((output / "influence.json").read_text())["index"]["folder"]) / "faiss" / "index.faiss"
     data = bytearray(index_file.read_bytes())
     data[len(data) // 2] ^= 0x10
     index_file.write_bytes(bytes(data))

@@ -52,7 +52,8 @@ def world(tmp_path_factory):
     }
     (root / "fastif.toml").write_text("[solver]\ndepth = 5\n")
     finished = root / "finished"
-    assert run(["influence", *tiny_args(tiny, finished), "--test-indices", "0"]) == 0
+    index = ["--index-dir", str(finished / "index")]  # the store inside the results, so damaged copies hold one
+    assert run(["influence", *tiny_args(tiny, finished), "--test-indices", "0", *index]) == 0
     return {"root": root, "tiny": tiny, "finished": finished, "config": root / "fastif.toml"}
 
 
@@ -134,6 +135,7 @@ def check_damaged_file(world, target: str, index: int, truncate: bool, where: fl
         model, results = damaged_copy(world, work, target, index, truncate, where)
         tiny = {"model": model, "train": work / "train.jsonl", "test": work / "test.jsonl"}
         argv = ["influence", *tiny_args(tiny, results), "--test-indices", "0", "--config", str(work / "fastif.toml")]
+        argv += ["--index-dir", str(results / "index")]
         check_run(world, argv)
 
 

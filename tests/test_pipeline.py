@@ -12,6 +12,7 @@ import torch
 from helpers import tiny_bert
 
 from fastif.errors import ConfigError, DataError, OutputError, SolverError, StoreError
+from fastif.files import cache_dir
 from fastif.pipeline import (
     ParameterConfig,
     Pipeline,
@@ -134,28 +135,39 @@ def test_end_to_end_knn_lissa_writes_json_csv_and_config(tiny, tmp_path):
     assert write_results(report, with_overrides(config, {"output.overwrite": True}), config.output.folder) == paths
 
 
-def test_the_index_is_built_once_then_reused(tiny, tmp_path):
+def test_the_index_is_built_once_then_reused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "cache"))  # a cache no other test filled
     config = tiny_config(tiny, tmp_path)
     first = Pipeline(config)
     first.index  # noqa: B018
     assert not first.index_info["features_loaded"] and not first.index_info["index_loaded"]
-    index_file = tmp_path / "index" / "faiss" / "index.faiss"
+    assert first.index_folder.parent == cache_dir("indexes")  # keyed by model, data and settings
+    index_file = first.index_folder / "faiss" / "index.faiss"
     stamp = index_file.stat().st_mtime_ns
     second = Pipeline(config)
     second.features = None  # reusing the index must not compute training features again
     assert second.index.n == 40 and second.index_info["features_loaded"] and second.index_info["index_loaded"]
     assert index_file.stat().st_mtime_ns == stamp
-    assert (tmp_path / "index" / "faiss" / "knn_config.json").is_file()
+    assert second.index_folder == first.index_folder and (index_file.parent / "knn_config.json").is_file()
 
 
-def test_an_index_for_other_data_or_model_is_refused_then_rebuilt_with_overwrite(tiny, tmp_path):
-    Pipeline(tiny_config(tiny, tmp_path)).index  # noqa: B018
-    smaller = tiny_config(tiny, tmp_path, **{"data.train_size": 30})
+def test_other_data_or_model_get_their_own_cached_index(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTIF_CACHE", str(tmp_path / "cache"))  # not the session's, where other tests left indexes
+    first = Pipeline(tiny_config(tiny, tmp_path))
+    smaller = Pipeline(tiny_config(tiny, tmp_path, **{"data.train_size": 30}))
+    assert smaller.index.n == 30 and not smaller.index_info["index_loaded"]
+    assert first.index_folder != smaller.index_folder and first.index_folder.parent == smaller.index_folder.parent
+
+
+def test_an_index_dir_for_other_data_or_model_is_refused_then_rebuilt_with_overwrite(tiny, tmp_path):
+    given = {"output.index_folder": str(tmp_path / "index")}
+    Pipeline(tiny_config(tiny, tmp_path, **given)).index  # noqa: B018
+    smaller = tiny_config(tiny, tmp_path, **given, **{"data.train_size": 30})
     with pytest.raises(StoreError, match=r"different dataset.*--overwrite"):
         Pipeline(smaller).index  # noqa: B018
-    other_model = tiny_config(tiny, tmp_path, **{"model.model": str(make_checkpoint(tmp_path / "other", seed=1))})
+    other = str(make_checkpoint(tmp_path / "other", seed=1))
     with pytest.raises(StoreError, match="different model"):
-        Pipeline(other_model).index  # noqa: B018
+        Pipeline(tiny_config(tiny, tmp_path, **given, **{"model.model": other})).index  # noqa: B018
     rebuilt = Pipeline(with_overrides(smaller, {"output.overwrite": True}))
     assert rebuilt.index.n == 30 and not rebuilt.index_info["features_loaded"]
 
@@ -255,13 +267,14 @@ def test_yaml_unknown_key_and_unknown_format_are_refused(tmp_path):
 
 
 def test_another_feature_layer_and_a_diverging_lissa(tiny, tmp_path):
-    layer = tiny_config(tiny, tmp_path, **{"candidates.feature_module": "bert.encoder.layer.1"})
+    given = {"output.index_folder": str(tmp_path / "index")}
+    layer = tiny_config(tiny, tmp_path, **given, **{"candidates.feature_module": "bert.encoder.layer.1"})
     pipeline = Pipeline(layer)
     assert pipeline.index.d == 16 and pipeline.index_info["feature_module"] == "bert.encoder.layer.1"
     default = Pipeline(tiny_config(tiny, tmp_path / "default"))
     assert not torch.equal(pipeline.features(pipeline.train), default.features(default.train))
     with pytest.raises(StoreError, match="different config"):
-        Pipeline(tiny_config(tiny, tmp_path)).index  # noqa: B018
+        Pipeline(tiny_config(tiny, tmp_path, **given)).index  # noqa: B018
     diverging = tiny_config(
         tiny, tmp_path / "diverging", **{"solver.scale": 1e-4, "scoring.test_indices": [0], "candidates.count": None}
     )

@@ -220,7 +220,12 @@ OUTPUT = (
     "output",
     (
         _Option(("--output",), "output.folder", "results folder (a finished run there is kept unless --overwrite)"),
-        _Option(("--index-dir",), "output.index_folder", "kNN index folder (default OUTPUT/index)"),
+        _Option(
+            ("--index-dir",),
+            "output.index_folder",
+            "index store folder (default: one under the cache root named by model, data and index settings, "
+            "shared by every command)",
+        ),
         _Option(
             ("--overwrite",),
             "output.overwrite",

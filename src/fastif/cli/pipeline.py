@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
-from ..files import atomic_dir, check_fresh, check_writable
+from ..files import atomic_dir, cache_dir, check_fresh, check_writable
 from .options import (
     CANDIDATES,
     DATA,
@@ -85,23 +85,23 @@ def _check_outputs(config: Any, index: bool, results: bool = True) -> None:
     check_writable(config.output.folder)
     if results:
         check_fresh(config.output.folder, REPORT_FILE, config.output.overwrite)
-    if index:
-        folder = check_writable(config.output.index_path, "--index-dir")
-        _check_index_folder(folder, given=config.output.index_folder is not None)
+    if index and config.output.index_folder is not None:
+        _check_index_folder(check_writable(config.output.index_folder, "--index-dir"))
+    elif index:
+        check_writable(cache_dir("indexes"), "index cache", "set FASTIF_CACHE to a writable folder")
 
 
-def _check_index_folder(folder: Path, given: bool) -> None:
-    """Refuse a non-empty index folder without a store manifest (e.g. a results folder), naming the option."""
+def _check_index_folder(folder: Path) -> None:
+    """Refuse a non-empty ``--index-dir`` without a store manifest (e.g. a results folder)."""
     from ..store.store import LOCK_FILE, MANIFEST_FILE
 
     if not folder.is_dir() or (folder / MANIFEST_FILE).is_file():
         return
     others = sorted(path.name for path in folder.iterdir() if path.name != LOCK_FILE)
     if others:
-        option = "--index-dir" if given else "--output (its index/ folder)"
         raise OutputError(
             f"{folder} is not empty and is not a fastif index store (it holds {', '.join(others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}); choose another {option}"
+            f"{', ...' if len(others) > 3 else ''}); choose another --index-dir"
         )
 
 

@@ -210,19 +210,15 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where results go: ``folder`` gets JSON, CSV and the config; the kNN index lives in ``index_folder``
-    (default ``<folder>/index``) and is reused by later runs; ``overwrite`` replaces a finished run's results and
-    an index made for another model, data or index config (instead of refusing them)."""
+    """Where results go: ``folder`` gets JSON, CSV and the config. The kNN index and the frozen path's training
+    pass live in ``index_folder``, by default a folder under the cache root named by the fingerprints of model,
+    data and index settings, which every command reuses; ``overwrite`` replaces a finished run's results and an
+    ``index_folder`` store made for another model, data or index config (instead of refusing them)."""
 
     folder: str = "fastif-results/influence"
     index_folder: str | None = None
     overwrite: bool = False
     progress: bool = True
-
-    @property
-    def index_path(self) -> Path:
-        """The kNN index store's folder."""
-        return Path(self.index_folder) if self.index_folder else Path(self.folder) / "index"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """FastIF end to end: model → features → kNN index (built once, saved) → fast s_test → candidate scores → top-k.
 
 :class:`Pipeline` runs the stages of a :class:`~fastif.pipeline.config.PipelineConfig` lazily and times each one.
-The kNN index lives in a :class:`~fastif.store.Store` whose manifest holds the model's and the training set's
-fingerprints, so a later run reuses it and an index made for another model or data is refused (or rebuilt with
+The kNN index (and the frozen path's training pass) lives in a :class:`~fastif.store.Store` under the cache root,
+named by the model's and the training set's fingerprints and the index settings, so any later command on the same
+model and data reuses it; an ``--index-dir`` store made for another model or data is refused (or rebuilt with
 ``overwrite``). s_test is LiSSA at batch size 1 averaged over ``repeats`` chains, run in parallel worker processes
 through :mod:`fastif.runner` when there is more than one worker.
 """
@@ -38,6 +39,7 @@ from ..runner import RunnerConfig, usable_cores
 from ..scores import ScoreConfig
 from ..solvers import SOLVERS, solver_from_config
 from ..store import Store
+from ..store.artifacts import index_cache_folder
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
 from .output import describe_index, write_results
 from .recipe import LoadedModel, Recipe, find_recipe
@@ -187,10 +189,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ index
 
-    def _open_store(self) -> Store:
-        """The index store for this model and training set; with ``overwrite``, a mismatched one is emptied."""
+    @cached_property
+    def store_identity(self) -> dict[str, Any]:
+        """What the index store's contents depend on: the model's and the training set's fingerprints and the
+        index's settings."""
         config = self.config
-        identity = {
+        return {
             "model_fingerprint": fingerprint_parameters(dict(self.loaded.model.state_dict())),
             "data_fingerprint": self.train.fingerprint(),
             "config": {
@@ -199,12 +203,23 @@ class Pipeline:
                 "parameters": list(self.adapter.names),
             },
         }
+
+    @cached_property
+    def index_folder(self) -> Path:
+        """``--index-dir`` when given, else a folder under the cache root named by :attr:`store_identity`'s digest,
+        so every command on the same model, data and index settings reuses one index and one training pass."""
+        given = self.config.output.index_folder
+        return Path(given) if given else index_cache_folder(self.store_identity)
+
+    def _open_store(self) -> Store:
+        """The index store for this model and training set; with ``overwrite``, a mismatched one is emptied."""
+        identity, folder = self.store_identity, self.index_folder
         try:
-            return Store.open(config.output.index_path, **identity)
+            return Store.open(folder, **identity)
         except StoreError:
-            if not config.output.overwrite:
+            if not self.config.output.overwrite:
                 raise
-            return Store.open(config.output.index_path, overwrite=True, **identity)
+            return Store.open(folder, overwrite=True, **identity)
 
     @cached_property
     def influence(self) -> Influence:

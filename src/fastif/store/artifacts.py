@@ -3,9 +3,12 @@ between runs: the kNN index over a training set's features, and the frozen path'
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,14 +16,16 @@ from torch import Tensor
 
 from ..candidates import MANIFEST_FILE, CandidateIndex
 from ..data import Dataset
+from ..files import cache_dir
 from ..model.frozen import ActivationData, Encoded, Split
 from .store import Store
 
 
-def index_cache_folder(model_path: str | os.PathLike[str], n_train: int) -> Path:
-    """Where the kNN index of a cached trained model over its first ``n_train`` training points is kept."""
-    path = Path(model_path)
-    return path.parent.parent / "indexes" / f"{path.name}_n{n_train}"
+def index_cache_folder(identity: Mapping[str, Any]) -> Path:
+    """The folder under the cache root for artefacts that depend only on ``identity`` (JSON-able fingerprints of
+    model and data, and settings), so every command that needs them finds the same folder."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return cache_dir("indexes") / hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cached_candidate_index(

@@ -27,6 +27,7 @@ from ...data import Dataset
 from ...data.text import TextPairData, TextRecord
 from ...data.views import Subset
 from ...errors import ConfigError
+from ...fingerprint import fingerprint_parameters
 from ...influence import Influence
 from ...model.adapter import AdapterConfig, HFClassifierAdapter
 from ...model.hf import L2_EXCLUDE
@@ -47,6 +48,12 @@ SCREENSHOT_FILE = "explorer_screenshot.png"
 # ---------------------------------------------------------------------------------------------- simulatability
 
 
+def knn_cache_folder(model: nn.Module, train: TextPairData) -> Path:
+    """The cache-root folder of the kNN index of ``model``'s features over ``train``, shared by the experiments."""
+    identity = {"kind": "knn", "model": fingerprint_parameters(dict(model.state_dict())), "data": train.fingerprint()}
+    return index_cache_folder(identity)
+
+
 def nli_simulatability_config(config: SimulatabilityConfig) -> SimulatabilityConfig:
     """``config`` with MiniLM's top (:data:`MINILM_TOP`) as the parameters when it names none."""
     return config if config.params else replace(config, params=MINILM_TOP)
@@ -63,7 +70,7 @@ def run_nli_simulatability(config: SimulatabilityConfig, log: Callable[[str], No
     records = load_embedded("mnli_train", trained.config.num_labels)[: trained.config.train_size]
     train = TextPairData(records, trained.tokenizer, trained.config.max_length, names)
     test = TextPairData(load_embedded("mnli_test", trained.config.num_labels), trained.tokenizer, 128, names)
-    index = index_cache_folder(trained.path, len(train))
+    index = knn_cache_folder(trained.model, train)
     result = run_simulatability(trained.model, train, test, nli_simulatability_config(config), log, index)
     result["task_model"] = {"path": str(trained.path), "metrics": trained.metrics, "labels": list(names)}
     return result
@@ -153,7 +160,7 @@ def build_nli_run(config: NLIGraphConfig, log: Callable[[str], None] | None = No
     )
     influence = Influence(adapter, train, solver, ScoreConfig(batch_size=config.batch_size), config.batch_size)
     meta = {"config": config_to_dict(config), "model": {"path": str(trained.path), "metrics": trained.metrics}}
-    run = compute_run(influence, groups, config.candidates, index_cache_folder(trained.path, len(train)), meta)
+    run = compute_run(influence, groups, config.candidates, knn_cache_folder(trained.model, train), meta)
     run.meta.update(
         num_params=adapter.num_params,
         seconds=round(time.perf_counter() - start, 1),
