@@ -389,7 +389,18 @@ def test_bench_prints_stage_times(tmp_path, capsys):
     assert run(["bench", "--examples", "8", "--steps", "2", "--candidates", "4", "--output", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "LiSSA steps" in printed and "candidate scores" in printed
-    assert len(json.loads((tmp_path / "bench.json").read_text())["stages"]) == 9
+    stages = [stage["stage"] for stage in json.loads((tmp_path / "bench.json").read_text())["stages"]]
+    assert stages[2:] == [  # the demo's path: the frozen head scores every training pair
+        "training pass (frozen bottom)",
+        "LiSSA scale (power iteration HVPs)",
+        "first query (s_test + scores, with set-up)",
+        "LiSSA steps (B=1)",
+        "candidate scores (1 test point)",
+    ]
+    knn = ["--candidate-method", "features"]
+    assert run(["bench", "--examples", "8", "--steps", "2", "--candidates", "4", "--output", str(tmp_path), *knn]) == 0
+    stages = [stage["stage"] for stage in json.loads((tmp_path / "bench.json").read_text())["stages"]]
+    assert "FAISS index build" in stages and "kNN search (k=4)" in stages
 
 
 def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
@@ -559,3 +570,12 @@ def test_report_errors_point_at_commands_that_exist(tmp_path, capsys):
     assert run(["report", str(tmp_path / "empty")]) == 2
     error = one_line_error(capsys)
     assert "'fastif influence'" in error and "fastif run" not in error
+
+
+def test_progress_bars_show_each_long_stage_unless_hidden(tiny, tmp_path, capsys):
+    argv = [arg for arg in tiny_args(tiny, tmp_path / "out") if arg != "--no-progress"]
+    assert run(["influence", *argv, "--test-indices", "0", "--candidate-method", "all"]) == 0
+    bars = capsys.readouterr().err
+    assert all(name in bars for name in ("frozen-bottom pass", "s_test: LiSSA chain 0", "scores"))
+    assert run(["influence", *argv, "--test-indices", "0", "--output", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "s_test" not in capsys.readouterr().err

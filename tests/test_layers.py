@@ -15,7 +15,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "fastif"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "config", "files", "fingerprint", "telemetry"),  # 0 shared plumbing
+    ("errors", "config", "files", "fingerprint", "telemetry", "progress"),  # 0 shared plumbing
     ("data", "report", "evaluation", "recall"),  # 1 data; drawing and metrics read results only
     ("model",),  # 2 model adapters (and the frozen-bottom path)
     ("grads", "hvp", "projection"),  # 3 derivatives, projected gradients

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 import torch
 
+from . import progress
 from .config import check_number, config_from_dict, save_config
 from .errors import ConfigError, DataError, StoreError
 from .files import atomic_write, atomic_write_json, read_json
@@ -291,8 +292,12 @@ def compute_features(adapter: Any, data: Any, batch_size: int = 64) -> torch.Ten
     from .data import iter_batches, length_order
 
     order = length_order(data, range(len(data)))
-    batches = iter_batches(data, batch_size, order)
-    rows = torch.cat([adapter.features(adapter.to_device(batch)).detach().cpu() for _, batch in batches]).float()
+    parts = []
+    with progress.task("features", len(data), "ex") as advance:
+        for chunk, batch in iter_batches(data, batch_size, order):
+            parts.append(adapter.features(adapter.to_device(batch)).detach().cpu())
+            advance(len(chunk))
+    rows = torch.cat(parts).float()
     features = torch.empty_like(rows)
     features[order] = rows
     return features

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import progress
 from .data import Dataset, iter_batches, length_order
 from .errors import ConfigError, DataError
 from .grads import directional_derivatives, per_example_grads
@@ -66,13 +67,15 @@ def iter_scores(
     """Stream ``(train indices, scores [k, b])`` batch by batch, so memory stays bounded in the pool size."""
     config = config or ScoreConfig()
     method = choose_method(config, s_test.shape[0])
-    for chunk, batch in iter_batches(train, config.batch_size, indices):
-        scores = batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
-        bad = [chunk[j] for j in (~torch.isfinite(scores)).any(dim=0).nonzero().flatten().tolist()]
-        if bad:
-            where = adapter.locate_nonfinite(flat, train.batch(bad[:10]))
-            raise DataError(f"non-finite loss gradient for training example(s) {bad[:10]}: {where}")
-        yield chunk, scores
+    with progress.task("scores", len(train) if indices is None else len(indices), "ex") as advance:
+        for chunk, batch in iter_batches(train, config.batch_size, indices):
+            scores = batch_scores(adapter, flat, s_test, batch, method, config.chunk_size)
+            bad = [chunk[j] for j in (~torch.isfinite(scores)).any(dim=0).nonzero().flatten().tolist()]
+            if bad:
+                where = adapter.locate_nonfinite(flat, train.batch(bad[:10]))
+                raise DataError(f"non-finite loss gradient for training example(s) {bad[:10]}: {where}")
+            advance(len(chunk))
+            yield chunk, scores
 
 
 def score_matrix(

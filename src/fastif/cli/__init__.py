@@ -15,10 +15,11 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from .. import progress
 from ..config import shown
 from ..errors import FastIFError
 from .applications import add_experiment_commands, add_report_command
-from .options import EXIT_USAGE, _Parser, shorten
+from .options import EXIT_USAGE, KEY_PREFIX, _Parser, shorten
 from .pipeline import add_pipeline_commands
 from .store import add_store_commands
 
@@ -105,7 +106,9 @@ def run(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return EXIT_USAGE
     args = parser.parse_args(argv)
-    return run_command(lambda: args.handler(args), args.debug)
+    bars = getattr(args, KEY_PREFIX + "output.progress", True)  # --no-progress hides them
+    with progress.reporting(progress.BarReporter() if bars else progress.SilentReporter()):
+        return run_command(lambda: args.handler(args), args.debug)
 
 
 def main() -> None:

@@ -69,7 +69,11 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive, default=None, help="SGD steps per run (default 10)")
     parser.add_argument("--groups", nargs="+", default=None, help="HANS heuristics / ANLI rounds to anchor on")
     parser.add_argument("--lr", type=_positive_number, default=None, help="SGD learning rate (default 1e-4)")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke setting (1 seed, tiny sizes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smallest setting (1 seed, tiny sizes); the first run also trains and caches the 2-class model",
+    )
     parser.add_argument(
         "--output", type=Path, default=None, help="results folder (default fastif-results/EXPERIMENT_TASK)"
     )
@@ -135,7 +139,11 @@ def _progress(message: str) -> None:
 
 
 def _simulatability_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small sizes for a 2-3 minute smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes for a smoke run (the first run also trains and caches the task model)",
+    )
     parser.add_argument("--n-test", type=_positive, default=None, help="correct and wrong test points each (default 8)")
     parser.add_argument(
         "--candidates", type=_positive, default=None, help="kNN candidates per test point (default 160)"

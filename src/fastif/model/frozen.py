@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import progress
 from ..data import Batch, Dataset, index_chunks, length_order
 from ..errors import DataError, ModelError
 from .adapter import ModelAdapter
@@ -404,16 +405,18 @@ def encode_prefix(
     features: dict[int, Tensor] = {}
     handle = source.register_forward_hook(capture)
     try:
-        for chunk in index_chunks(length_order(data, list(range(len(data)))), batch_size):
-            feature = adapter.features(adapter.to_device(data.batch(chunk)))
-            hidden = captured["hidden"].detach().cpu()
-            for row, i in enumerate(chunk):
-                state = hidden[row, : hidden.shape[1] if sizes is None else sizes[i]].clone()
-                if sink is None:
-                    states[i] = state
-                else:
-                    sink.put(i, state)
-                features[i] = feature[row].float().cpu()
+        with progress.task("frozen-bottom pass", len(data), "ex") as advance:
+            for chunk in index_chunks(length_order(data, list(range(len(data)))), batch_size):
+                feature = adapter.features(adapter.to_device(data.batch(chunk)))
+                hidden = captured["hidden"].detach().cpu()
+                for row, i in enumerate(chunk):
+                    state = hidden[row, : hidden.shape[1] if sizes is None else sizes[i]].clone()
+                    if sink is None:
+                        states[i] = state
+                    else:
+                        sink.put(i, state)
+                    features[i] = feature[row].float().cpu()
+                advance(len(chunk))
     finally:
         handle.remove()
     if sink is None:

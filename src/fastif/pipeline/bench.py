@@ -1,8 +1,9 @@
-"""``fastif bench``: quick timings of the pipeline's main stages on the bundled MiniLM.
+"""``fastif bench``: quick timings of the pipeline's main stages on the bundled MiniLM, through the same facade
+the pipeline uses (the frozen path where it runs), so its estimates are those of ``fastif demo`` and ``influence``.
 
 The recipe's model gets a freshly initialised head (timings do not depend on the weights), so the bench never
 trains; the lower layers are frozen as the recipe freezes them, and the parameter selection, candidates and
-solver settings are the pipeline config's.
+solver settings are the pipeline config's, with one LiSSA chain of ``steps`` steps.
 """
 
 from __future__ import annotations
@@ -15,74 +16,64 @@ from typing import Any, TypeVar
 import torch
 
 from ..candidates import CandidateIndex
-from ..grads import dataset_grads
-from ..hvp import Hessian
-from ..scores import ScoreConfig, score_matrix
-from ..solvers import LiSSA
 from .config import PipelineConfig, with_overrides
-from .core import Pipeline, build_adapter, solver_config
+from .core import Pipeline
 
 T = TypeVar("T")
-QUERIES = 4
 
 
 def _timed(stages: list[dict[str, Any]], name: str, items: int, fn: Callable[[], T]) -> T:
     """Run ``fn``, record its wall time as stage ``name`` over ``items`` items, and return its result."""
     start = time.perf_counter()
     result = fn()
-    seconds = time.perf_counter() - start
-    stages.append({"stage": name, "seconds": seconds, "items": items, "ms_per_item": 1000 * seconds / max(items, 1)})
+    _record(stages, name, items, time.perf_counter() - start)
     return result
 
 
+def _record(stages: list[dict[str, Any]], name: str, items: int, seconds: float) -> None:
+    stages.append({"stage": name, "seconds": seconds, "items": items, "ms_per_item": 1000 * seconds / max(items, 1)})
+
+
 def run_bench(config: PipelineConfig, examples: int = 256, steps: int = 20) -> dict[str, Any]:
-    """Time loading, tokenising, features, index, kNN, test gradients, LiSSA scale and steps, and scoring."""
-    config = with_overrides(config, {"output.progress": False})
-    stages: list[dict[str, Any]] = []
-    pipeline = Pipeline(config)
+    """Time loading, tokenising, the training pass, the index, LiSSA's scale and steps, and scoring, through the
+    pipeline's :class:`~fastif.influence.Influence` facade; estimates one chain at the configured depth."""
+    depth = config.solver.depth
+    overrides = {"output.progress": False, "solver.depth": steps, "solver.repeats": 1, "solver.workers": 1}
+    pipeline = Pipeline(with_overrides(config, overrides))
     config = pipeline.config
-    recipe, device = pipeline.recipe, pipeline.device
+    stages: list[dict[str, Any]] = []
+    recipe = pipeline.recipe
     loaded = _timed(
-        stages, "load model + tokenizer", 1, lambda: recipe.untrained_model(config.model, config.seed, device)
+        stages, "load model + tokenizer", 1, lambda: recipe.untrained_model(config.model, config.seed, pipeline.device)
     )
     data = with_overrides(config, {"data.train_size": examples, "data.max_length": 128}).data
     train = _timed(stages, "tokenise", examples, lambda: recipe.load_data("train", loaded, data))
     pipeline.loaded, pipeline.train = loaded, train
-    adapter = pipeline.adapter = build_adapter(loaded, config.parameters, config.candidates.feature_module)
-    flat = adapter.flat_params()
-    features = _timed(stages, "features (forward, no grad)", len(train), lambda: pipeline.features(train))
-    index = _timed(
-        stages, "FAISS index build", len(train), lambda: CandidateIndex.build(features, config.candidates.faiss)
-    )
-    queries = train.subset(range(min(QUERIES, len(train))))
-    k = min(config.candidates.count or len(train), len(train))
-    neighbours = _timed(
-        stages, f"kNN search (k={k})", len(queries), lambda: index.search(features[: len(queries)], k)[1]
-    )
-    grads = _timed(stages, "test gradients", len(queries), lambda: dataset_grads(adapter, flat, queries))
-    hessian = Hessian(adapter, train, flat, config.solver.hessian_batch_size)
-    lissa_config = solver_config(with_overrides(config, {"solver.depth": steps}).solver, config.seed, 1)
-    solver = LiSSA(lissa_config)
+    influence = pipeline.influence
+    method = "features" if pipeline.candidate_method == "gradients" else pipeline.candidate_method
+    pass_name = "training pass (frozen bottom)" if influence.split is not None else "features (forward, no grad)"
+    _timed(stages, pass_name, len(train), influence.cached_training_pass)
+    if method == "features":
+        index = _timed(stages, "FAISS index build", len(train), lambda: CandidateIndex.build(influence.train_features))
+        influence.build_index(index)
     power = config.solver.scale_samples * config.solver.power_iterations if config.solver.scale is None else 0
-    _timed(stages, "LiSSA scale (power iteration HVPs)", power, lambda: solver.fit(hessian))
-    s_test, _ = _timed(
-        stages, f"LiSSA steps (B={config.solver.batch_size})", steps, lambda: solver.run_chain(grads[:1], 0)
-    )
-    score = ScoreConfig(method=config.scoring.method, batch_size=config.scoring.batch_size)
-    candidates = neighbours[0].tolist()
-    _timed(
-        stages,
-        "candidate scores (1 test point)",
-        k,
-        lambda: score_matrix(adapter, flat, s_test, train, candidates, score),
-    )
-    per_step = next(stage["ms_per_item"] for stage in stages if stage["stage"].startswith("LiSSA steps")) / 1000
+    _timed(stages, "LiSSA scale (power iteration HVPs)", power, influence.fit)
+    count = None if method == "all" else min(config.candidates.count or len(train), len(train))
+    first = influence.candidate_scores(train.subset(range(1)), count, method=method)  # includes one-off set-up
+    _record(stages, "first query (s_test + scores, with set-up)", 1, sum(first.timings.values()))
+    result = influence.candidate_scores(train.subset(range(1, 2)), count, method=method)
+    if "candidates" in result.timings:
+        _record(stages, f"kNN search (k={count})", 1, result.timings["candidates"])
+    _record(stages, f"LiSSA steps (B={config.solver.batch_size})", steps, result.timings["s_test"])
+    _record(stages, "candidate scores (1 test point)", result.indices.shape[1], result.timings["scores"])
     return {
         "stages": stages,
-        "parameters": adapter.num_params,
+        "parameters": influence.adapter.num_params,
         "examples": len(train),
-        "lissa_chain_estimate_s": per_step * config.solver.depth,
-        "depth": config.solver.depth,
+        "candidate_method": method,
+        "frozen": influence.split is not None,
+        "lissa_chain_estimate_s": result.timings["s_test"] / steps * depth,
+        "depth": depth,
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
     }

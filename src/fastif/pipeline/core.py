@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .. import progress
 from ..candidates import MANIFEST_FILE, CandidateIndex, compute_features
 from ..config import DEFAULT_DAMPING, config_to_dict, save_config
 from ..data import Dataset, iter_batches, length_order
@@ -123,20 +123,19 @@ class Pipeline:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Add the wall time of the enclosed block, less that of stages nested in it, to ``timings[name]``."""
+        """Add the wall time of the enclosed block, less that of stages nested in it, to ``timings[name]``; with
+        ``output.progress`` on, its long tasks show bars with an ETA."""
         start = time.perf_counter()
         self._nested.append(0.0)
+        reporter = progress.BarReporter() if self.config.output.progress else progress.SilentReporter()
         try:
-            yield
+            with progress.reporting(reporter):
+                yield
         finally:
             elapsed, inner = time.perf_counter() - start, self._nested.pop()
             self.timings[name] = self.timings.get(name, 0.0) + elapsed - inner
             if self._nested:
                 self._nested[-1] += elapsed
-
-    def _bar(self, enabled: bool = True, **kwargs: Any) -> tqdm:
-        """A tqdm bar that shows only when progress output is on (and ``enabled``)."""
-        return tqdm(disable=not (enabled and self.config.output.progress), leave=False, **kwargs)
 
     # ------------------------------------------------------------------------------------------ model and data
 
@@ -383,7 +382,8 @@ class Pipeline:
             workers = 1
         return min(workers, repeats), repeats
 
-    def _method(self) -> str:
+    @property
+    def candidate_method(self) -> str:
         """The candidate method: ``auto`` scores every training point where the frozen head reads one cached
         vector per example (cheaper than the kNN query), and takes FastIF's feature kNN otherwise."""
         config = self.config.candidates
@@ -397,7 +397,7 @@ class Pipeline:
     def prepare(self) -> list[str]:
         """Run the one-off stages now (the frozen path's training pass, the kNN index where it is used) and say in
         a line each what ran, so a command can report them before the slow part."""
-        lines, method = self.prepare_frozen(), self._method()
+        lines, method = self.prepare_frozen(), self.candidate_method
         if method == "features":
             self.index  # noqa: B018
             lines.append(describe_index(self.index_info))
@@ -427,7 +427,7 @@ class Pipeline:
         The solver's warnings (e.g. a chain that has not settled) go into the run info, so the CLI can print them
         after the tables instead of in the middle of a progress bar.
         """
-        influence, method = self.influence, self._method()
+        influence, method = self.influence, self.candidate_method
         if influence.split is not None:
             self.training_pass  # noqa: B018 (the frozen path's activations: loaded or computed once)
         if method == "features":

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import progress
 from ..config import DEFAULT_DAMPING
 from ..errors import SolverError
 from ..hvp import Hessian
@@ -160,13 +161,15 @@ class LiSSA(Solver, name="lissa"):
         averaged_steps = max(1, round(self.tail_average * depth))
         tail_sum = torch.zeros_like(vectors)
         trace = torch.empty(depth, dtype=torch.float64)
-        for step in range(depth):
-            product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples, batch_size))
-            estimate = vectors + decay * estimate - product / self.scale
-            trace[step] = float(estimate.norm())
-            self._check_divergence(trace, step, repeat)
-            if step >= depth - averaged_steps:
-                tail_sum += estimate
+        with progress.task(f"s_test: LiSSA chain {repeat}", depth, "step") as advance:
+            for step in range(depth):
+                product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples, batch_size))
+                estimate = vectors + decay * estimate - product / self.scale
+                trace[step] = float(estimate.norm())
+                self._check_divergence(trace, step, repeat)
+                if step >= depth - averaged_steps:
+                    tail_sum += estimate
+                advance(1)
         return tail_sum / (averaged_steps * self.scale), trace
 
     def _check_divergence(self, trace: Tensor, step: int, repeat: int) -> None:

@@ -63,7 +63,7 @@ def run_nli_simulatability(config: SimulatabilityConfig, log: Callable[[str], No
     """The experiment on the cached 3-class MiniLM MNLI model, its MNLI train split and the MNLI test split."""
     log = log or (lambda _message: None)
     start = time.perf_counter()
-    trained = train_nli_classifier(NLITrainConfig(), progress=False)
+    trained = train_nli_classifier(NLITrainConfig())
     origin = "cached" if trained.from_cache else "trained"
     log(f"task model: {trained.path} ({origin}, {time.perf_counter() - start:.0f}s)")
     names, _ = nli_label_scheme(trained.config.num_labels)
@@ -140,7 +140,7 @@ def build_nli_run(config: NLIGraphConfig, log: Callable[[str], None] | None = No
     """Score the HANS + MNLI test groups against their kNN candidates on the cached 2-class MNLI model."""
     log = log or (lambda _message: None)
     start_machine, start = machine_info(), time.perf_counter()
-    trained = train_nli_classifier(NLITrainConfig(num_labels=2), progress=False)
+    trained = train_nli_classifier(NLITrainConfig(num_labels=2))
     names, _ = nli_label_scheme(2)
     records = load_embedded("mnli_train", 2)[: trained.config.train_size]
     train = TextPairData(records, trained.tokenizer, trained.config.max_length, names)
@@ -238,7 +238,7 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
 
 def trained_nli_model(num_labels: int) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The embedded MNLI classifier (2-class for HANS, 3-class for ANLI), trained once and cached."""
-    trained = train_nli_classifier(NLITrainConfig(num_labels=num_labels), progress=False)
+    trained = train_nli_classifier(NLITrainConfig(num_labels=num_labels))
     info = {"path": str(trained.path), "train_config": config_to_dict(trained.config), "metrics": trained.metrics}
     return trained.model, trained.tokenizer, info
 
