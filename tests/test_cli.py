@@ -294,6 +294,8 @@ def test_influence_on_a_users_checkpoint_and_jsonl_files(tiny, tmp_path, capsys)
     report = json.loads((output / "influence.json").read_text())
     assert [item["test"]["index"] for item in report["explained"]] == [0, 3]
     assert report["explained"][0]["helpful"][0]["premise"].split()[0] in printed and "most harmful" in printed
+    assert re.search(r"plan: frozen-bottom pass over 30 training points, about [\d.]+ s \(estimated", printed)
+    assert re.search(r"plan: s_test for 2 test point\(s\) = LiSSA 1 chain\(s\) × 10 steps .* ≈ [\d.]+ s", printed)
     csv_lines = (output / "influence.csv").read_text().strip().splitlines()
     assert csv_lines[0].startswith("query,test_index") and len(csv_lines) == 1 + 2 * 2 * 2
     saved = json.loads((output / "pipeline_config.json").read_text())

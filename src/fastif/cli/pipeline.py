@@ -108,6 +108,7 @@ def _check_index_folder(folder: Path) -> None:
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
     """Shared body of ``demo`` and ``influence``: load, index, explain, print, write."""
     from ..pipeline import Pipeline, format_timings, print_report, with_overrides, write_results
+    from ..pipeline.plan import pass_plan, query_plan
 
     start = time.perf_counter()
     config = _pipeline_config(args, defaults)
@@ -118,8 +119,10 @@ def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, i
         print(intro)
     pipeline = Pipeline(config)
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+    print(pass_plan(pipeline), flush=True)
     for line in pipeline.prepare():  # the one-off stages, reported before the slow part
         print(line, flush=True)
+    print(query_plan(pipeline), flush=True)
     report = pipeline.explain()
     print()
     print_report(report)

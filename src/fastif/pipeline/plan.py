@@ -1,0 +1,97 @@
+"""What a run will do and how long each stage should take on this machine, said before the slow part starts.
+
+Each estimate times a small sample of the real work on this machine (a few batches of the no-grad pass, one
+LiSSA step, one batch of scores) and scales it to the run's size, so it reflects the current load. They are
+estimates and say so; the progress bars then show the measured rate and ETA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..data import length_order
+from ..store.artifacts import has_encoding
+
+if TYPE_CHECKING:
+    from .core import Pipeline
+
+SAMPLE_BATCHES = 4
+SAMPLE_BATCH_SIZE = 8
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+@torch.no_grad()
+def pass_seconds(pipeline: Pipeline) -> float:
+    """The training pass's time: a no-grad forward over a few short batches spread over the length order, scaled
+    to the training set."""
+    train, adapter = pipeline.train, pipeline.adapter
+    order = length_order(train, range(len(train)))
+    starts = [int(q * len(order)) for q in (0.125, 0.375, 0.625, 0.875)][:SAMPLE_BATCHES]
+    chunks = [order[start : start + SAMPLE_BATCH_SIZE] for start in starts]
+    chunks = [chunk for chunk in chunks if chunk]
+    seconds = sum(_seconds(lambda c=chunk: adapter.features(adapter.to_device(train.batch(c)))) for chunk in chunks)
+    return seconds / sum(len(chunk) for chunk in chunks) * len(train)
+
+
+def pass_plan(pipeline: Pipeline) -> str:
+    """One line: whether the training pass will be reused, or how long computing it should take."""
+    influence, n = pipeline.influence, len(pipeline.train)
+    what = "frozen-bottom pass" if influence.split is not None else "feature pass"
+    with pipeline._open_store() as store:
+        cached = has_encoding(store, influence.split) if influence.split is not None else store.has("train_features")
+    if cached:
+        return f"plan: the {what} over {n:,} training points is in the cache ({store.folder}): reused"
+    return (
+        f"plan: {what} over {n:,} training points, about {_duration(pass_seconds(pipeline))} (estimated from "
+        f"{SAMPLE_BATCHES * SAMPLE_BATCH_SIZE} of them timed now), then cached for every later run"
+    )
+
+
+def planned_tests(pipeline: Pipeline) -> int:
+    """How many s_test rows the run solves: the given test indices, the text, or the correct + wrong picks (one for
+    a group)."""
+    scoring = pipeline.config.scoring
+    if scoring.group:
+        return 1
+    if scoring.text is not None:
+        return 1
+    return len(scoring.test_indices) or scoring.correct + scoring.wrong
+
+
+def query_plan(pipeline: Pipeline) -> str:
+    """One line, after the training pass: the time of s_test and of the scores for the run's test points, from one
+    timed HVP step and one timed batch of scores on the working (frozen) model."""
+    influence, config, rows = pipeline.influence, pipeline.config, planned_tests(pipeline)
+    hessian = influence.hessian
+    vectors = torch.randn(rows, influence.adapter.num_params, dtype=influence.flat.dtype)
+    batch = list(range(min(config.solver.batch_size, hessian.num_examples)))
+    step = min(_seconds(lambda: hessian.batch_matvec(vectors, batch)) for _ in range(2))  # the first warms up
+    count = len(pipeline.train) if pipeline.candidate_method == "all" else config.candidates.count or 0
+    sample = list(range(min(count, config.scoring.batch_size)))
+    timed = min(_seconds(lambda: influence.score_s_test(vectors, sample)) for _ in range(2))
+    scores = timed / max(len(sample), 1) * count
+    scoring = f"scores of {count:,} training points per test point ≈ {_duration(scores)} for all {rows}"
+    if config.solver.method != "lissa":
+        return f"plan: {rows} s_test row(s) by {config.solver.method}, one HVP ≈ {step * 1000:.0f} ms; {scoring}"
+    workers, repeats = pipeline._workers()
+    chains = -(-repeats // workers)  # chains each worker runs, one after another
+    return (
+        f"plan: s_test for {rows} test point(s) = LiSSA {repeats} chain(s) × {config.solver.depth} steps in "
+        f"{workers} process(es) ≈ {_duration(step * config.solver.depth * chains)} (one step timed now: "
+        f"{step * 1000:.1f} ms); {scoring}"
+    )
