@@ -493,3 +493,28 @@ def test_two_local_processes_fit_the_factors_of_one_pass():
         assert ranks.world_size == 2
         fitted = ranks.fit(config)
     assert_same_fit(EKFAC(config).fit(hessian), fitted, hessian)
+
+
+def test_the_facade_keeps_kfac_and_pcg_factors_in_its_cache_store(tmp_path, monkeypatch):
+    """Influence(cache=store) fits EK-FAC (and PCG's EK-FAC preconditioner) through the store: a second facade on
+    the same store reloads the factors without a data pass and gives the same s_test."""
+    hessian = mlp_problem(layer_norm=True)
+    adapter, train = hessian.adapter, hessian.data
+    test = TensorData(tuple(tensor[:3] for tensor in train.tensors))
+    pcg = lambda: PCG(damping=10.0, tolerance=1e-10, preconditioner=EKFACConfig(damping=1e-3, seed=2))  # noqa: E731
+    with factor_store(tmp_path / "ekfac", stored_solver(), hessian) as store:
+        first = Influence(adapter, train, stored_solver(), cache=store).s_test(test)
+        assert store.has("ekfac-fitted")
+    with Store.open(tmp_path / "pcg", model_fingerprint="m", data_fingerprint="d", config={}) as store:
+        first_pcg = Influence(adapter, train, pcg(), cache=store).s_test(test)
+        assert store.has("ekfac-fitted")
+    torch.testing.assert_close(first, Influence(adapter, train, stored_solver()).s_test(test), rtol=1e-10, atol=0)
+
+    def no_data_pass(self, indices):
+        raise AssertionError("the cached factors must make the data pass unnecessary")
+
+    monkeypatch.setattr(EKFAC, "partial_factors", no_data_pass)
+    with factor_store(tmp_path / "ekfac", stored_solver(), hessian) as store:
+        torch.testing.assert_close(Influence(adapter, train, stored_solver(), cache=store).s_test(test), first)
+    with Store.open(tmp_path / "pcg", model_fingerprint="m", data_fingerprint="d", config={}) as store:
+        torch.testing.assert_close(Influence(adapter, train, pcg(), cache=store).s_test(test), first_pcg)

@@ -47,8 +47,10 @@ from .recall import RecallEstimate, estimate_recall
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
+from .solvers.kfac import KFAC, PCG
 from .store import Store
 from .store.artifacts import cached_encoding, has_encoding
+from .store.kfac import fit_stored
 
 
 @dataclass
@@ -229,9 +231,16 @@ class Influence:
     # ------------------------------------------------------------------------------------------ s_test
 
     def fit(self) -> Influence:
-        """Fit the solver on the training Hessian (runs once; later calls are free)."""
+        """Fit the solver on the training Hessian (runs once; later calls are free). With ``cache``, K-FAC and
+        EK-FAC factors (and PCG's preconditioner) are kept there shard by shard, so a later run reloads them."""
         if not self._fitted:
-            self.solver.fit(self.hessian)
+            solver, hessian = self.solver, self.hessian
+            if self.cache is not None and isinstance(solver, KFAC):
+                fit_stored(solver, hessian, self.cache)
+            elif self.cache is not None and isinstance(solver, PCG):
+                solver.fit(hessian, fit_stored(solver.unfitted_preconditioner(), hessian, self.cache))
+            else:
+                solver.fit(hessian)
             self._fitted = True
         return self
 

@@ -382,11 +382,13 @@ class PCG(Solver, name="pcg"):
         if not config.damping >= 0 or config.max_iterations < 1:
             raise SolverError("PCG needs damping >= 0 and max_iterations >= 1")
         super().fit(hessian)
-        if preconditioner is None:
-            options = config.preconditioner or EKFACConfig(damping=config.damping)
-            preconditioner = (EKFAC if isinstance(options, EKFACConfig) else KFAC)(options).fit(hessian)
-        self.preconditioner = preconditioner
+        self.preconditioner = self.unfitted_preconditioner().fit(hessian) if preconditioner is None else preconditioner
         return self
+
+    def unfitted_preconditioner(self) -> KFAC:
+        """The K-FAC or EK-FAC solver of ``config.preconditioner`` (default: EK-FAC at PCG's damping), not fitted."""
+        options = self.config.preconditioner or EKFACConfig(damping=self.config.damping)
+        return (EKFAC if isinstance(options, EKFACConfig) else KFAC)(options)
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian, config = self._fitted(), self.config
