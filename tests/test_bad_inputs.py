@@ -11,7 +11,7 @@ from torch import nn
 
 import fastif
 from fastif.candidates import CandidateConfig
-from fastif.errors import ConfigError, DataError, FastIFError, SolverError
+from fastif.errors import ConfigError, DataError, SolverError
 from fastif.pipeline import PipelineConfig
 from fastif.pipeline.config import ScoringConfig, SolverStageConfig
 from fastif.recipes.nli.model import NLITrainConfig
@@ -71,8 +71,8 @@ def test_a_training_point_with_non_finite_gradient_is_named():
 
 
 def test_negative_damping_is_refused():
-    with pytest.raises(SolverError, match="damping must be >= 0"):
-        fastif.Influence(_linear(), _data(), fastif.CG(damping=-1.0)).fit()
+    with pytest.raises(ConfigError, match=r"^solver\.damping must be a finite number >= 0, got -1\.0$"):
+        fastif.CG(damping=-1.0)
 
 
 def test_cg_on_an_indefinite_hessian_names_the_fix():
@@ -103,8 +103,8 @@ def test_cg_whose_hessian_products_turn_nan_stops_at_once_with_the_fix():
 
 
 def test_cg_without_iterations_is_refused():
-    with pytest.raises(SolverError, match="max_iterations must be at least 1, got 0"):
-        fastif.Influence(_linear(), _data(), fastif.CG(max_iterations=0)).fit()
+    with pytest.raises(ConfigError, match=r"solver\.max_iterations must be a positive integer, got 0"):
+        fastif.CG(max_iterations=0)
 
 
 def test_lissa_that_has_not_settled_warns_and_reports_its_norm_traces():
@@ -137,16 +137,19 @@ def test_tensors_with_different_example_counts_are_refused():
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda: fastif.TorchAdapter(nn.Linear(3, 2), nn.CrossEntropyLoss(reduction="none"),
-                                     fastif.AdapterConfig(l2=math.inf)), "l2 must be >= 0 and finite, got inf"),
-        (lambda: fastif.Influence(_linear(), _data(), fastif.Exact(damping=math.inf)).fit(), "damping .* finite"),
-        (lambda: fastif.Influence(_linear(), _data(), fastif.CG(tolerance=math.nan)).fit(), "tolerance .* got nan"),
+        (lambda: fastif.AdapterConfig(l2=math.inf), "parameters.l2 must be a finite number >= 0, got inf"),
+        (lambda: fastif.Exact(damping=math.inf), "solver.damping must be a finite number >= 0, got inf"),
+        (lambda: fastif.CG(tolerance=math.nan), "solver.tolerance must be a finite number > 0, got nan"),
+        (lambda: fastif.LiSSA(depth=-1), "solver.depth must be a positive integer (or unset), got -1"),
+        (lambda: fastif.Arnoldi(rank=0), "solver.rank must be a positive integer, got 0"),
+        (lambda: fastif.KFAC(damping=math.inf), "solver.damping must be a finite number >= 0, got inf"),
     ],
-    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan"],
+    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan", "lissa-depth", "arnoldi-rank", "kfac-damping"],
 )  # fmt: skip
-def test_non_finite_l2_damping_and_tolerance_are_refused_up_front(make, needle):
-    with pytest.raises(FastIFError, match=needle):
+def test_bad_solver_and_adapter_options_are_refused_at_construction(make, needle):
+    with pytest.raises(ConfigError) as error:
         make()
+    assert str(error.value) == needle
 
 
 def test_a_non_integer_k_is_refused_by_the_facade():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -9,10 +10,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..config import DEFAULT_DAMPING
+from ..config import DEFAULT_DAMPING, check_choice, check_number
 from ..errors import SolverError
 from ..hvp import Hessian
-from .base import Solver, SolveResult, _check_damping, residual_info
+from .base import Solver, SolveResult, check_damping, check_seed, residual_info
 
 ArnoldiSelect = Literal["magnitude", "positive"]
 
@@ -30,6 +31,14 @@ class ArnoldiConfig:
     iterations: int | None = None
     seed: int = 0
     select: ArnoldiSelect = "magnitude"
+
+    def __post_init__(self) -> None:
+        """Refuse a negative or non-finite damping, a rank or iteration count below 1, an unknown ``select``."""
+        check_damping(self.damping)
+        check_number("solver.rank", self.rank, integer=True, minimum=1)
+        check_number("solver.iterations", self.iterations, integer=True, minimum=1, optional=True)
+        check_seed(self.seed)
+        check_choice("solver.select", self.select, typing.get_args(ArnoldiSelect))
 
 
 def _orthogonalise(vector: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -59,11 +68,6 @@ class Arnoldi(Solver, name="arnoldi"):
 
     def fit(self, hessian: Hessian) -> Arnoldi:
         config = self.config
-        _check_damping(config.damping)
-        if config.rank <= 0:
-            raise SolverError(f"Arnoldi rank must be positive, got {config.rank}")
-        if config.select not in ("magnitude", "positive"):
-            raise SolverError(f"Arnoldi select must be 'magnitude' or 'positive', got {config.select!r}")
         super().fit(hessian)
         iterations = min(hessian.dim, max(config.iterations or 2 * config.rank, config.rank))
         basis, projected, self.restarts = self._arnoldi(hessian, iterations)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..config import DEFAULT_DAMPING
+from ..config import DEFAULT_DAMPING, check_number
 from ..errors import SolverError
-from ..hvp import Hessian
-from .base import Solver, SolveResult, _check_damping, residual_info
+
+if TYPE_CHECKING:
+    from .kfac import PCGConfig
+
+from .base import Solver, SolveResult, check_damping, residual_info
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,17 @@ class CGConfig:
     damping: float = DEFAULT_DAMPING
     max_iterations: int = 200
     tolerance: float = 1e-8
+
+    def __post_init__(self) -> None:
+        """Refuse a negative or non-finite damping, fewer than one iteration, a tolerance not > 0."""
+        check_cg_options(self)
+
+
+def check_cg_options(config: CGConfig | PCGConfig) -> None:
+    """The checks CG and PCG share: damping >= 0, max_iterations >= 1, tolerance > 0, all finite."""
+    check_damping(config.damping)
+    check_number("solver.max_iterations", config.max_iterations, integer=True, minimum=1)
+    check_number("solver.tolerance", config.tolerance, above=0)
 
 
 def _check_cg_residual(trace: list[float], damping: float) -> None:
@@ -37,14 +52,6 @@ class CG(Solver, name="cg"):
     """Conjugate gradients, vectorised over the rows of ``vectors``; reports the residual trace."""
 
     config_class = CGConfig
-
-    def fit(self, hessian: Hessian) -> CG:
-        _check_damping(self.config.damping)
-        if self.config.max_iterations < 1:
-            raise SolverError(f"CG max_iterations must be at least 1, got {self.config.max_iterations}")
-        if not 0 < self.config.tolerance < math.inf:
-            raise SolverError(f"CG tolerance must be a finite number > 0, got {self.config.tolerance}")
-        return super().fit(hessian)  # type: ignore[return-value]
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian, config = self._fitted(), self.config

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import DEFAULT_DAMPING
+from ..config import DEFAULT_DAMPING, check_number
 from ..errors import SolverError
 from ..hvp import Hessian
-from .base import Solver, SolveResult, _check_damping, residual_info
+from .base import Solver, SolveResult, check_damping, residual_info
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class ExactConfig:
     damping: float = DEFAULT_DAMPING
     max_params: int = 10_000
 
+    def __post_init__(self) -> None:
+        """Refuse a negative or non-finite damping and a parameter cap below 1."""
+        check_damping(self.damping)
+        check_number("solver.max_params", self.max_params, integer=True, minimum=1)
+
 
 class Exact(Solver, name="exact"):
     """Forms ``H + damping·I`` densely and solves through its eigendecomposition."""
@@ -28,7 +33,6 @@ class Exact(Solver, name="exact"):
 
     def fit(self, hessian: Hessian) -> Exact:
         config = self.config
-        _check_damping(config.damping)
         if hessian.dim > config.max_params:
             gigabytes = hessian.dim**2 * hessian.flat.element_size() / 1e9
             raise SolverError(
