@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 import fastif
 from fastif.candidates import CandidateConfig
+from fastif.cli import run
 from fastif.errors import ConfigError, DataError, SolverError
 from fastif.pipeline import PipelineConfig
 from fastif.pipeline.config import ScoringConfig, SolverStageConfig
@@ -174,3 +176,21 @@ def test_typed_configs_check_their_numbers_in_one_place(make, key, needle):
     with pytest.raises(ConfigError) as error:
         make()
     assert error.value.key == key and str(error.value) == f"{key} must be {needle}"
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ({"solver": {"depth": "ten"}}, "--depth (solver.depth) must be an integer, got str 'ten'"),
+        ({"solver": {"damping": [1]}}, "--damping (solver.damping) must be a number or unset, got list [1]"),
+        ({"scoring": {"top_k": 2.5}}, "-k/--top-k (scoring.top_k) must be an integer, got float 2.5"),
+    ],
+    ids=["depth-ten", "damping-list", "top-k-fraction"],
+)
+def test_a_config_file_value_of_the_wrong_type_names_the_flag_and_key(table, needle, tmp_path, capsys):
+    config = tmp_path / "fastif.json"
+    config.write_text(json.dumps(table), encoding="utf-8")
+    assert run(["influence", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"fastif: error: {config}: {needle}"]
+    assert not (tmp_path / "out").exists()
