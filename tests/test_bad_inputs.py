@@ -82,7 +82,7 @@ def test_cg_on_an_indefinite_hessian_names_the_fix():
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     adapter = fastif.TorchAdapter(model, nn.CrossEntropyLoss(reduction="none"))
     data = _data(n=20)
-    with pytest.raises(SolverError, match="increase damping"):
+    with pytest.raises(SolverError, match=r"non-positive curvature .* set damping above \d"):
         fastif.Influence(adapter, data, fastif.CG()).s_test(data)
 
 

@@ -55,6 +55,46 @@ def _orthogonalise(vector: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]
     return vector, coefficients
 
 
+def arnoldi_iteration(hessian: Hessian, iterations: int, seed: int = 0) -> tuple[Tensor, Tensor, int]:
+    """Orthonormal basis Q [m, P], the projected matrix Qᵀ H Q [m, m] and the number of breakdown restarts, from
+    ``iterations`` Arnoldi (Lanczos, H being symmetric) steps started at a ``seed``-ed random direction."""
+    generator = torch.Generator().manual_seed(seed)
+    like = hessian.flat
+    eps = torch.finfo(like.dtype).eps
+
+    def random_direction() -> Tensor:
+        return torch.randn(hessian.dim, generator=generator, dtype=like.dtype).to(like.device)
+
+    start = random_direction()
+    basis = [start / start.norm()]
+    projected = torch.zeros(iterations, iterations, dtype=like.dtype, device=like.device)
+    largest, restarts = 0.0, 0
+    for j in range(iterations - 1):
+        product = hessian.matvec(basis[j])
+        largest = max(largest, float(product.norm()))
+        product, coefficients = _orthogonalise(product, basis)
+        projected[: j + 1, j] = coefficients
+        norm = float(product.norm())
+        if norm > 100 * eps * largest:
+            projected[j + 1, j] = norm
+            basis.append(product / norm)
+            continue
+        restarts += 1  # invariant subspace found: go on from a fresh direction (the coupling stays 0)
+        fresh, _ = _orthogonalise(random_direction(), basis)  # len(basis) < P, so it is not 0
+        basis.append(fresh / fresh.norm())
+    size = len(basis)
+    last = hessian.matvec(basis[-1])
+    projected[:size, size - 1] = torch.stack(basis) @ last
+    return torch.stack(basis), projected[:size, :size], restarts
+
+
+def smallest_ritz_value(hessian: Hessian, steps: int = 30, seed: int = 0) -> float:
+    """The smallest eigenvalue of H on a ``steps``-dimensional Krylov space (``steps`` HVPs): an upper bound on H's
+    smallest eigenvalue, so a negative value proves H indefinite, cheaply, before a dense or iterative solve."""
+    _, projected, _ = arnoldi_iteration(hessian, min(steps, hessian.dim), seed)
+    return float(torch.linalg.eigvalsh(0.5 * (projected + projected.T)).min())
+
+
 class Arnoldi(Solver, name="arnoldi"):
     """Arnoldi (Lanczos) iteration with full re-orthogonalisation; inverts ``H + damping·I`` in the top subspace.
 
@@ -70,7 +110,7 @@ class Arnoldi(Solver, name="arnoldi"):
         config = self.config
         super().fit(hessian)
         iterations = min(hessian.dim, max(config.iterations or 2 * config.rank, config.rank))
-        basis, projected, self.restarts = self._arnoldi(hessian, iterations)
+        basis, projected, self.restarts = arnoldi_iteration(hessian, iterations, config.seed)
         values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
         keep = self._select(values)
         self.eigenvalues = values[keep]
@@ -105,37 +145,6 @@ class Arnoldi(Solver, name="arnoldi"):
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    def _arnoldi(self, hessian: Hessian, iterations: int) -> tuple[Tensor, Tensor, int]:
-        """Orthonormal basis Q [m, P], the projected matrix Qᵀ H Q [m, m] and the number of breakdown restarts."""
-        generator = torch.Generator().manual_seed(self.config.seed)
-        like = hessian.flat
-        eps = torch.finfo(like.dtype).eps
-
-        def random_direction() -> Tensor:
-            return torch.randn(hessian.dim, generator=generator, dtype=like.dtype).to(like.device)
-
-        start = random_direction()
-        basis = [start / start.norm()]
-        projected = torch.zeros(iterations, iterations, dtype=like.dtype, device=like.device)
-        largest, restarts = 0.0, 0
-        for j in range(iterations - 1):
-            product = hessian.matvec(basis[j])
-            largest = max(largest, float(product.norm()))
-            product, coefficients = _orthogonalise(product, basis)
-            projected[: j + 1, j] = coefficients
-            norm = float(product.norm())
-            if norm > 100 * eps * largest:
-                projected[j + 1, j] = norm
-                basis.append(product / norm)
-                continue
-            restarts += 1  # invariant subspace found: go on from a fresh direction (the coupling stays 0)
-            fresh, _ = _orthogonalise(random_direction(), basis)  # len(basis) < P, so it is not 0
-            basis.append(fresh / fresh.norm())
-        size = len(basis)
-        last = hessian.matvec(basis[-1])
-        projected[:size, size - 1] = torch.stack(basis) @ last
-        return torch.stack(basis), projected[:size, :size], restarts
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian = self._fitted()

@@ -34,6 +34,9 @@ class Solver(ABC):
 
     config_class: ClassVar[type]
     name: ClassVar[str]
+    iterative: ClassVar[bool] = False
+    """True when every solve runs Hessian-vector products (CG, PCG, LiSSA), so n right-hand sides cost n solves'
+    products; False when ``fit`` does the Hessian work and a solve only applies what it stored."""
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

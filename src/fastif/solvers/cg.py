@@ -12,10 +12,12 @@ from torch import Tensor
 
 from ..config import DEFAULT_DAMPING, check_number
 from ..errors import SolverError
+from ..hvp import Hessian
 
 if TYPE_CHECKING:
     from .kfac import PCGConfig
 
+from .arnoldi import smallest_ritz_value
 from .base import Solver, SolveResult, check_damping, residual_info
 
 
@@ -39,6 +41,10 @@ def check_cg_options(config: CGConfig | PCGConfig) -> None:
     check_number("solver.tolerance", config.tolerance, above=0)
 
 
+LANCZOS_STEPS = 30
+"""Lanczos steps (HVPs) spent, after CG meets non-positive curvature, to bound H's smallest eigenvalue."""
+
+
 def _check_cg_residual(trace: list[float], damping: float) -> None:
     """Stop CG at once when its residual turns NaN or Inf (a NaN compares as converged and would end it silently)."""
     if not math.isfinite(trace[-1]):
@@ -48,10 +54,27 @@ def _check_cg_residual(trace: list[float], damping: float) -> None:
         )
 
 
+def indefinite_error(
+    name: str, hessian: Hessian, damping: float, directions: Tensor, curvatures: Tensor, iteration: int
+) -> SolverError:
+    """The error for a search direction d with dᵀ(H + damping·I)d <= 0: the curvature seen, a Lanczos bound on H's
+    smallest eigenvalue, and the damping above which neither can be non-positive (a lower bound on what is needed)."""
+    rayleigh = float((curvatures / (directions * directions).sum(dim=1)).min())
+    steps = min(LANCZOS_STEPS, hessian.dim)
+    lowest = min(smallest_ritz_value(hessian, steps), rayleigh - damping)
+    return SolverError(
+        f"{name} met non-positive curvature at iteration {iteration + 1}: dᵀ(H + damping·I)d / ‖d‖² = {rayleigh:.3g} "
+        f"along a search direction, so H + damping·I is not positive definite (damping {damping:g}); with "
+        f"{steps} Lanczos steps H has an eigenvalue at most {lowest:.3g}: set damping above {-lowest:.3g} (the most "
+        "negative eigenvalue may be lower), or use Arnoldi(select='positive')"
+    )
+
+
 class CG(Solver, name="cg"):
     """Conjugate gradients, vectorised over the rows of ``vectors``; reports the residual trace."""
 
     config_class = CGConfig
+    iterative = True
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian, config = self._fitted(), self.config
@@ -68,10 +91,7 @@ class CG(Solver, name="cg"):
             product = hessian.matvec(direction) + config.damping * direction
             curvature = (direction * product).sum(dim=1)
             if bool((curvature[active] <= 0).any()):
-                raise SolverError(
-                    "CG met non-positive curvature: H + damping·I is not positive definite; increase damping "
-                    f"(now {config.damping})"
-                )
+                raise indefinite_error("CG", hessian, config.damping, direction[active], curvature[active], len(trace))
             step = torch.where(active, squared / torch.where(active, curvature, 1.0), 0.0)
             x += step[:, None] * direction
             residual -= step[:, None] * product

@@ -104,6 +104,7 @@ class LiSSA(Solver, name="lissa"):
     """
 
     config_class = LiSSAConfig
+    iterative = True
 
     def fit(self, hessian: Hessian) -> LiSSA:
         config = self.config

@@ -47,7 +47,7 @@ from ...data import index_chunks
 from ...errors import ConfigError, SolverError
 from ...hvp import Hessian
 from ..base import Solver, SolveResult, check_seed
-from ..cg import check_cg_options
+from ..cg import check_cg_options, indefinite_error
 from .factors import Likelihood, diagonal_squares, layer_tokens, masked_tokens, resolve_likelihood, sample_targets
 from .layers import KroneckerLayer, find_blocks
 
@@ -402,6 +402,7 @@ class PCG(Solver, name="pcg"):
     """Conjugate gradients preconditioned by a K-FAC or EK-FAC solve; reports iterations and the residual trace."""
 
     config_class: ClassVar[type] = PCGConfig
+    iterative = True
 
     def fit(self, hessian: Hessian, preconditioner: KFAC | None = None) -> PCG:
         """Fit the preconditioner on ``hessian`` (or use an already fitted one); returns self."""
@@ -431,10 +432,7 @@ class PCG(Solver, name="pcg"):
             product = hessian.matvec(direction) + config.damping * direction
             curvature = (direction * product).sum(dim=1)
             if bool((curvature[active] <= 0).any()):
-                raise SolverError(
-                    f"PCG met non-positive curvature: H + damping·I is not positive definite; increase damping "
-                    f"(now {config.damping})"
-                )
+                raise indefinite_error("PCG", hessian, config.damping, direction[active], curvature[active], len(trace))
             step = torch.where(active, inner / torch.where(active, curvature, 1.0), 0.0)
             x += step[:, None] * direction
             residual -= step[:, None] * product
