@@ -15,7 +15,9 @@ from torch import nn
 import fastif
 from fastif.errors import SolverError
 from fastif.hvp import Hessian
-from fastif.pipeline import Pipeline
+from fastif.pipeline import Pipeline, solver_config
+from fastif.pipeline.config import SolverStageConfig
+from fastif.solvers import LiSSAConfig
 
 
 def _mlp(inputs: int, hidden: int, n: int, seed: int) -> tuple[fastif.TorchAdapter, tuple[torch.Tensor, torch.Tensor]]:
@@ -100,3 +102,14 @@ def test_a_pipeline_solve_that_did_not_settle_warns(tiny, tmp_path):  # noqa: F8
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a settled solve: no warning
         assert Pipeline(tiny_config(tiny, tmp_path / "b", **settings)).explain()["s_test"]["converged"] is True
+
+
+def test_the_pipeline_lissa_default_is_the_documented_fixed_mode():
+    """``LiSSA()`` is the automatic mode; the pipeline/CLI default is FastIF's fast s_test with these settings
+    (docs/cli.md, LiSSAConfig's docstring): one set of numbers, pinned here."""
+    stage = SolverStageConfig(damping=0.3)
+    expected = LiSSAConfig(
+        damping=0.3, depth=500, batch_size=1, tail_average=0.5, repeats=2, scale_samples=4, power_iterations=10
+    )
+    assert solver_config(stage, seed=0, repeats=2) == expected
+    assert LiSSAConfig().adaptive and not expected.adaptive

@@ -35,6 +35,10 @@ class LiSSAConfig:
     batches from its own seed ``(seed, r)``, so results do not depend on which worker ran which chain.
     ``tail_average`` > 0 averages the iterates of that final fraction of steps instead of taking the last one: the
     chain's stationary mean is the same fixed point, and averaging cuts the minibatch noise the last iterate keeps.
+
+    ``LiSSA()`` is the automatic mode. The pipeline and CLI default is FastIF's fast s_test in the fixed mode:
+    ``LiSSAConfig(depth=500, batch_size=1, tail_average=0.5, scale_samples=4, power_iterations=10)`` with one
+    chain per worker (``SolverStageConfig``; docs/cli.md), pinned by ``tests/test_api_defaults.py``.
     """
 
     damping: float = DEFAULT_DAMPING
