@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,8 @@ from torch import nn
 
 import fastif
 from fastif.candidates import CandidateConfig
-from fastif.errors import ConfigError, DataError, FastIFError, SolverError
+from fastif.cli import run
+from fastif.errors import ConfigError, DataError, SolverError
 from fastif.pipeline import PipelineConfig
 from fastif.pipeline.config import ScoringConfig, SolverStageConfig
 from fastif.recipes.nli.model import NLITrainConfig
@@ -71,8 +73,8 @@ def test_a_training_point_with_non_finite_gradient_is_named():
 
 
 def test_negative_damping_is_refused():
-    with pytest.raises(SolverError, match="damping must be >= 0"):
-        fastif.Influence(_linear(), _data(), fastif.CG(damping=-1.0)).fit()
+    with pytest.raises(ConfigError, match=r"^solver\.damping must be a finite number >= 0, got -1\.0$"):
+        fastif.CG(damping=-1.0)
 
 
 def test_cg_on_an_indefinite_hessian_names_the_fix():
@@ -80,7 +82,7 @@ def test_cg_on_an_indefinite_hessian_names_the_fix():
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     adapter = fastif.TorchAdapter(model, nn.CrossEntropyLoss(reduction="none"))
     data = _data(n=20)
-    with pytest.raises(SolverError, match="increase damping"):
+    with pytest.raises(SolverError, match=r"non-positive curvature .* set damping above \d"):
         fastif.Influence(adapter, data, fastif.CG()).s_test(data)
 
 
@@ -103,8 +105,8 @@ def test_cg_whose_hessian_products_turn_nan_stops_at_once_with_the_fix():
 
 
 def test_cg_without_iterations_is_refused():
-    with pytest.raises(SolverError, match="max_iterations must be at least 1, got 0"):
-        fastif.Influence(_linear(), _data(), fastif.CG(max_iterations=0)).fit()
+    with pytest.raises(ConfigError, match=r"solver\.max_iterations must be a positive integer, got 0"):
+        fastif.CG(max_iterations=0)
 
 
 def test_lissa_that_has_not_settled_warns_and_reports_its_norm_traces():
@@ -137,16 +139,19 @@ def test_tensors_with_different_example_counts_are_refused():
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda: fastif.TorchAdapter(nn.Linear(3, 2), nn.CrossEntropyLoss(reduction="none"),
-                                     fastif.AdapterConfig(l2=math.inf)), "l2 must be >= 0 and finite, got inf"),
-        (lambda: fastif.Influence(_linear(), _data(), fastif.Exact(damping=math.inf)).fit(), "damping .* finite"),
-        (lambda: fastif.Influence(_linear(), _data(), fastif.CG(tolerance=math.nan)).fit(), "tolerance .* got nan"),
+        (lambda: fastif.AdapterConfig(l2=math.inf), "parameters.l2 must be a finite number >= 0, got inf"),
+        (lambda: fastif.Exact(damping=math.inf), "solver.damping must be a finite number >= 0, got inf"),
+        (lambda: fastif.CG(tolerance=math.nan), "solver.tolerance must be a finite number > 0, got nan"),
+        (lambda: fastif.LiSSA(depth=-1), "solver.depth must be a positive integer (or unset), got -1"),
+        (lambda: fastif.Arnoldi(rank=0), "solver.rank must be a positive integer, got 0"),
+        (lambda: fastif.KFAC(damping=math.inf), "solver.damping must be a finite number >= 0, got inf"),
     ],
-    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan"],
+    ids=["adapter-l2-inf", "exact-damping-inf", "cg-tolerance-nan", "lissa-depth", "arnoldi-rank", "kfac-damping"],
 )  # fmt: skip
-def test_non_finite_l2_damping_and_tolerance_are_refused_up_front(make, needle):
-    with pytest.raises(FastIFError, match=needle):
+def test_bad_solver_and_adapter_options_are_refused_at_construction(make, needle):
+    with pytest.raises(ConfigError) as error:
         make()
+    assert str(error.value) == needle
 
 
 def test_a_non_integer_k_is_refused_by_the_facade():
@@ -171,3 +176,21 @@ def test_typed_configs_check_their_numbers_in_one_place(make, key, needle):
     with pytest.raises(ConfigError) as error:
         make()
     assert error.value.key == key and str(error.value) == f"{key} must be {needle}"
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ({"solver": {"depth": "ten"}}, "--depth (solver.depth) must be an integer, got str 'ten'"),
+        ({"solver": {"damping": [1]}}, "--damping (solver.damping) must be a number or unset, got list [1]"),
+        ({"scoring": {"top_k": 2.5}}, "-k/--top-k (scoring.top_k) must be an integer, got float 2.5"),
+    ],
+    ids=["depth-ten", "damping-list", "top-k-fraction"],
+)
+def test_a_config_file_value_of_the_wrong_type_names_the_flag_and_key(table, needle, tmp_path, capsys):
+    config = tmp_path / "fastif.json"
+    config.write_text(json.dumps(table), encoding="utf-8")
+    assert run(["influence", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"fastif: error: {config}: {needle}"]
+    assert not (tmp_path / "out").exists()

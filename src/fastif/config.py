@@ -68,6 +68,12 @@ def check_number(
         raise ConfigError(f"{key} must be {wanted}, got {shown(value)}", key)
 
 
+def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Refuse a value that is not one of ``allowed``, naming its config ``key`` (as :func:`check_number` does)."""
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {shown(value)}", key)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Return a JSON-ready dict of a config dataclass, tagged with its class name."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
@@ -83,27 +89,42 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return data
 
 
-def _check_type(cls: type, name: str, annotation: Any, value: Any) -> Any:
-    """Coerce ``value`` to the field's annotated type where that is lossless, else raise ConfigError."""
+def _describe(annotation: Any) -> str:
+    """What a field's annotation asks for, in words ("an integer or unset")."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(option) for option in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(option) for option in typing.get_args(annotation))
+    if origin is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(annotation):
+        return "a table of options"
+    names = {type(None): "unset", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _check_type(key: str, annotation: Any, value: Any) -> Any:
+    """Coerce ``value`` to the field's annotated type where that is lossless, else raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
     if origin is typing.Union or origin is types.UnionType:
         for option in typing.get_args(annotation):
             try:
-                return _check_type(cls, name, option, value)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{cls.__name__}.{name}: {shown(value)} matches none of {annotation}")
+                return _check_type(key, option, value)
+            except ConfigError as error:
+                if error.key and error.key.startswith(f"{key}."):  # a nested table's own error: keep it
+                    raise
+        raise _wrong_type(key, annotation, value)
     if annotation is type(None):
         if value is None:
             return None
     elif origin is typing.Literal:
         if value in typing.get_args(annotation):
             return value
-        raise ConfigError(f"{cls.__name__}.{name} must be one of {typing.get_args(annotation)}, got {shown(value)}")
     elif origin is tuple:
         if isinstance(value, list | tuple):
             (item_type, *_rest) = typing.get_args(annotation) or (Any,)
-            return tuple(_check_type(cls, name, item_type, item) for item in value)
+            return tuple(_check_type(key, item_type, item) for item in value)
     elif annotation is Any:
         return value
     elif annotation is bool:
@@ -119,14 +140,24 @@ def _check_type(cls: type, name: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value
     elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        return config_from_dict(annotation, value)
+        return config_from_dict(annotation, value, f"{key}.")
     elif isinstance(annotation, type) and isinstance(value, annotation):
         return value
-    raise ConfigError(f"{cls.__name__}.{name}: expected {annotation}, got {type(value).__name__} {shown(value)}")
+    raise _wrong_type(key, annotation, value)
 
 
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build config ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
+def _wrong_type(key: str, annotation: Any, value: Any) -> ConfigError:
+    """ "solver.depth must be an integer, got str 'ten'": the key, what it takes, and what it got."""
+    return ConfigError(f"{key} must be {_describe(annotation)}, got {type(value).__name__} {shown(value)}", key)
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], prefix: str | None = None) -> C:
+    """Build config ``cls`` from a dict, refusing unknown keys and values of the wrong type.
+
+    Errors name each key as ``prefix`` + field (default prefix: ``ClassName.``; the pipeline passes where the
+    table sits, e.g. ``solver.``), so the CLI can name the key's flag too.
+    """
+    prefix = f"{cls.__name__}." if prefix is None else prefix
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a table of options, got {type(data).__name__}")
     data = dict(data)
@@ -138,7 +169,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
-    kwargs = {key: _check_type(cls, key, hints[key], value) for key, value in data.items()}
+    kwargs = {key: _check_type(f"{prefix}{key}", hints[key], value) for key, value in data.items()}
     return cls(**kwargs)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .candidates import CandidateConfig, CandidateIndex
-from .config import config_to_dict
+from .config import check_number, config_to_dict
 from .data import Dataset, TensorData, iter_batches, length_order
 from .errors import ConfigError, DataError, StoreError
 from .model.adapter import ModelAdapter
@@ -65,8 +65,7 @@ class GradientStoreConfig:
             raise ConfigError(
                 f"GradientStoreConfig.dtype must be one of {typing.get_args(StoreDtype)}, got {self.dtype!r}"
             )
-        if not isinstance(self.shard_size, int) or isinstance(self.shard_size, bool) or self.shard_size <= 0:
-            raise ConfigError(f"GradientStoreConfig.shard_size must be a positive integer, got {self.shard_size!r}")
+        check_number("candidates.gradients.shard_size", self.shard_size, integer=True, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -459,6 +460,14 @@ class Influence:
         step = self.score_config.batch_size if chunk is None else chunk
         if step < 1:
             raise DataError(f"chunk must be a positive number of training points, got {step}")
+        if self.solver.iterative and len(order) > step:
+            warnings.warn(
+                f"self_influence with {type(self.solver).__name__} runs one iterative solve (Hessian-vector products "
+                f"over the whole Hessian data at every step) per chunk: {-(-len(order) // step)} chunks of {step} "
+                "training points; Arnoldi, EK-FAC or Exact fit once, then solve every point without Hessian products",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.fit()
         return torch.cat([self._self_influence_chunk(order[i : i + step]) for i in range(0, len(order), step)])
 

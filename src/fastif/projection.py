@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from .config import check_number
 from .data import Batch, batch_len, map_tensors
 from .errors import ConfigError, DataError
 from .model.adapter import ModelAdapter
@@ -58,9 +59,7 @@ class ProjectionConfig:
         if self.kind not in typing.get_args(Kind):
             raise ConfigError(f"ProjectionConfig.kind must be one of {typing.get_args(Kind)}, got {self.kind!r}")
         for name, low in (("dim", 1), ("layer_dim", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"ProjectionConfig.{name} must be an integer >= {low}, got {value!r}")
+            check_number(f"candidates.gradients.projection.{name}", getattr(self, name), integer=True, minimum=low)
 
 
 def _generator(seed: int, key: tuple[object, ...]) -> torch.Generator:

@@ -13,6 +13,7 @@ by ``score / n``. Two exact paths give the same numbers:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -21,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import progress
+from .config import check_choice, check_number
 from .data import Dataset, iter_batches, length_order
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .grads import directional_derivatives, per_example_grads
 from .model.adapter import ModelAdapter
 
@@ -37,11 +39,15 @@ class ScoreConfig:
     batch_size: int = 64
     chunk_size: int = 32
 
+    def __post_init__(self) -> None:
+        """Refuse an unknown method and sizes below 1 at construction."""
+        check_choice("scoring.method", self.method, typing.get_args(ScoreMethod))
+        check_number("scoring.batch_size", self.batch_size, integer=True, minimum=1)
+        check_number("scoring.chunk_size", self.chunk_size, integer=True, minimum=1)
+
 
 def choose_method(config: ScoreConfig, num_tests: int) -> Literal["grad", "jvp"]:
     """Resolve ``"auto"``: JVP for one s_test, per-example gradients for several."""
-    if config.method not in ("auto", "grad", "jvp"):
-        raise ConfigError(f"score method must be 'auto', 'grad' or 'jvp', got {config.method!r}")
     if config.method != "auto":
         return config.method
     return "jvp" if num_tests == 1 else "grad"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..config import check_number
 from ..data import Batch, batch_len, batch_tensors, map_tensors
 from ..errors import DataError, ModelError
 
@@ -70,6 +71,10 @@ class AdapterConfig:
     exclude: tuple[str, ...] = ()
     l2: float = 0.0
     l2_exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse an L2 term that is negative, NaN or infinite (the Hessian and its solvers need a finite one)."""
+        check_number("parameters.l2", self.l2, minimum=0)
 
     @property
     def selection(self) -> ParameterSelection:
@@ -128,8 +133,6 @@ class ModelAdapter(ABC):
         self.model = model.eval()
         self.unsupported: set[str] = set()
         self.config = config or AdapterConfig()
-        if not 0 <= self.config.l2 < math.inf:
-            raise ModelError(f"l2 must be >= 0 and finite, got {self.config.l2}")
         named = dict(model.named_parameters())
         if not named:
             raise ModelError("the model has no parameters to take influence over")

@@ -260,7 +260,7 @@ def config_from_mapping(data: Any, source: str = "config") -> PipelineConfig:
     """Build a PipelineConfig from nested dicts (one table per stage), refusing unknown keys and wrong types."""
     _check_keys(PipelineConfig, data, source)
     try:
-        return config_from_dict(PipelineConfig, data)
+        return config_from_dict(PipelineConfig, data, "")
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}", error.key) from None
 

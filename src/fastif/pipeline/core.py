@@ -448,8 +448,15 @@ class Pipeline:
             )
         for name, seconds in result.timings.items():
             self.timings[name] = self.timings.get(name, 0.0) + seconds
-        notes = [str(warning.message) for warning in caught if issubclass(warning.category, RuntimeWarning)]
-        return result, {**run, "warnings": list(dict.fromkeys(notes))}  # the solver's own notes, each once
+        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
+        if result.solve.info.get("converged") is False:  # the API user sees it too, not only the report
+            warnings.warn(
+                f"s_test ({run['method']}) did not settle, so the scores are approximate: "
+                f"{' '.join(notes) or 'see s_test.converged in the report'}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return result, {**run, "warnings": notes}  # the solver's own notes, each once
 
     def _rows(self, indices: Tensor, scores: Tensor) -> list[dict[str, Any]]:
         """Training points as JSON rows: rank, index, the recipe's display columns, and score."""

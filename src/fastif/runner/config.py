@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from ..config import check_number
 from ..data import Dataset
 from ..errors import ConfigError
 from ..hvp import HVPMethod
@@ -41,12 +42,10 @@ class RunnerConfig:
         for name, allowed in (("backend", Backend), ("device", DeviceKind), ("start_method", StartMethod)):
             if getattr(self, name) not in allowed.__args__:
                 raise ConfigError(f"RunnerConfig.{name} must be one of {allowed.__args__}, got {getattr(self, name)!r}")
-        for name in ("workers", "threads", "shard_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ConfigError(f"RunnerConfig.{name} must be a positive integer, got {value!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"RunnerConfig.timeout_s must be positive, got {self.timeout_s!r}")
+        for name in ("workers", "threads"):
+            check_number(f"runner.{name}", getattr(self, name), integer=True, minimum=1, optional=True)
+        check_number("runner.shard_size", self.shard_size, integer=True, minimum=1)
+        check_number("runner.timeout_s", self.timeout_s, above=0)
         if self.workers not in (None, 1) and self.backend != "processes":
             fix = "torchrun --nproc_per_node sets it" if self.backend == "distributed" else "use backend='processes'"
             raise ConfigError(f"RunnerConfig.workers={self.workers} needs backend='processes' ({fix})")

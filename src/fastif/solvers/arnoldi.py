@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -9,10 +10,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..config import DEFAULT_DAMPING
+from ..config import DEFAULT_DAMPING, check_choice, check_number
 from ..errors import SolverError
 from ..hvp import Hessian
-from .base import Solver, SolveResult, _check_damping, residual_info
+from .base import Solver, SolveResult, check_damping, check_seed, residual_info
 
 ArnoldiSelect = Literal["magnitude", "positive"]
 
@@ -31,6 +32,14 @@ class ArnoldiConfig:
     seed: int = 0
     select: ArnoldiSelect = "magnitude"
 
+    def __post_init__(self) -> None:
+        """Refuse a negative or non-finite damping, a rank or iteration count below 1, an unknown ``select``."""
+        check_damping(self.damping)
+        check_number("solver.rank", self.rank, integer=True, minimum=1)
+        check_number("solver.iterations", self.iterations, integer=True, minimum=1, optional=True)
+        check_seed(self.seed)
+        check_choice("solver.select", self.select, typing.get_args(ArnoldiSelect))
+
 
 def _orthogonalise(vector: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``vector`` minus its projection on the orthonormal ``basis``, by classical Gram-Schmidt twice.
@@ -46,6 +55,46 @@ def _orthogonalise(vector: Tensor, basis: list[Tensor]) -> tuple[Tensor, Tensor]
     return vector, coefficients
 
 
+def arnoldi_iteration(hessian: Hessian, iterations: int, seed: int = 0) -> tuple[Tensor, Tensor, int]:
+    """Orthonormal basis Q [m, P], the projected matrix Qᵀ H Q [m, m] and the number of breakdown restarts, from
+    ``iterations`` Arnoldi (Lanczos, H being symmetric) steps started at a ``seed``-ed random direction."""
+    generator = torch.Generator().manual_seed(seed)
+    like = hessian.flat
+    eps = torch.finfo(like.dtype).eps
+
+    def random_direction() -> Tensor:
+        return torch.randn(hessian.dim, generator=generator, dtype=like.dtype).to(like.device)
+
+    start = random_direction()
+    basis = [start / start.norm()]
+    projected = torch.zeros(iterations, iterations, dtype=like.dtype, device=like.device)
+    largest, restarts = 0.0, 0
+    for j in range(iterations - 1):
+        product = hessian.matvec(basis[j])
+        largest = max(largest, float(product.norm()))
+        product, coefficients = _orthogonalise(product, basis)
+        projected[: j + 1, j] = coefficients
+        norm = float(product.norm())
+        if norm > 100 * eps * largest:
+            projected[j + 1, j] = norm
+            basis.append(product / norm)
+            continue
+        restarts += 1  # invariant subspace found: go on from a fresh direction (the coupling stays 0)
+        fresh, _ = _orthogonalise(random_direction(), basis)  # len(basis) < P, so it is not 0
+        basis.append(fresh / fresh.norm())
+    size = len(basis)
+    last = hessian.matvec(basis[-1])
+    projected[:size, size - 1] = torch.stack(basis) @ last
+    return torch.stack(basis), projected[:size, :size], restarts
+
+
+def smallest_ritz_value(hessian: Hessian, steps: int = 30, seed: int = 0) -> float:
+    """The smallest eigenvalue of H on a ``steps``-dimensional Krylov space (``steps`` HVPs): an upper bound on H's
+    smallest eigenvalue, so a negative value proves H indefinite, cheaply, before a dense or iterative solve."""
+    _, projected, _ = arnoldi_iteration(hessian, min(steps, hessian.dim), seed)
+    return float(torch.linalg.eigvalsh(0.5 * (projected + projected.T)).min())
+
+
 class Arnoldi(Solver, name="arnoldi"):
     """Arnoldi (Lanczos) iteration with full re-orthogonalisation; inverts ``H + damping·I`` in the top subspace.
 
@@ -59,14 +108,9 @@ class Arnoldi(Solver, name="arnoldi"):
 
     def fit(self, hessian: Hessian) -> Arnoldi:
         config = self.config
-        _check_damping(config.damping)
-        if config.rank <= 0:
-            raise SolverError(f"Arnoldi rank must be positive, got {config.rank}")
-        if config.select not in ("magnitude", "positive"):
-            raise SolverError(f"Arnoldi select must be 'magnitude' or 'positive', got {config.select!r}")
         super().fit(hessian)
         iterations = min(hessian.dim, max(config.iterations or 2 * config.rank, config.rank))
-        basis, projected, self.restarts = self._arnoldi(hessian, iterations)
+        basis, projected, self.restarts = arnoldi_iteration(hessian, iterations, config.seed)
         values, vectors = torch.linalg.eigh(0.5 * (projected + projected.T))
         keep = self._select(values)
         self.eigenvalues = values[keep]
@@ -101,37 +145,6 @@ class Arnoldi(Solver, name="arnoldi"):
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    def _arnoldi(self, hessian: Hessian, iterations: int) -> tuple[Tensor, Tensor, int]:
-        """Orthonormal basis Q [m, P], the projected matrix Qᵀ H Q [m, m] and the number of breakdown restarts."""
-        generator = torch.Generator().manual_seed(self.config.seed)
-        like = hessian.flat
-        eps = torch.finfo(like.dtype).eps
-
-        def random_direction() -> Tensor:
-            return torch.randn(hessian.dim, generator=generator, dtype=like.dtype).to(like.device)
-
-        start = random_direction()
-        basis = [start / start.norm()]
-        projected = torch.zeros(iterations, iterations, dtype=like.dtype, device=like.device)
-        largest, restarts = 0.0, 0
-        for j in range(iterations - 1):
-            product = hessian.matvec(basis[j])
-            largest = max(largest, float(product.norm()))
-            product, coefficients = _orthogonalise(product, basis)
-            projected[: j + 1, j] = coefficients
-            norm = float(product.norm())
-            if norm > 100 * eps * largest:
-                projected[j + 1, j] = norm
-                basis.append(product / norm)
-                continue
-            restarts += 1  # invariant subspace found: go on from a fresh direction (the coupling stays 0)
-            fresh, _ = _orthogonalise(random_direction(), basis)  # len(basis) < P, so it is not 0
-            basis.append(fresh / fresh.norm())
-        size = len(basis)
-        last = hessian.matvec(basis[-1])
-        projected[:size, size - 1] = torch.stack(basis) @ last
-        return torch.stack(basis), projected[:size, :size], restarts
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian = self._fitted()

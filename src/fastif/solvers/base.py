@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -10,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..config import check_number
 from ..errors import SolverError
 from ..hvp import Hessian
 
@@ -34,6 +34,9 @@ class Solver(ABC):
 
     config_class: ClassVar[type]
     name: ClassVar[str]
+    iterative: ClassVar[bool] = False
+    """True when every solve runs Hessian-vector products (CG, PCG, LiSSA), so n right-hand sides cost n solves'
+    products; False when ``fit`` does the Hessian work and a solve only applies what it stored."""
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,9 +81,14 @@ def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) 
     }
 
 
-def _check_damping(damping: float) -> None:
-    if not 0 <= damping < math.inf:
-        raise SolverError(f"damping must be >= 0 and finite, got {damping}")
+def check_damping(damping: float) -> None:
+    """Refuse a damping that is negative, NaN or infinite (at config construction, key ``solver.damping``)."""
+    check_number("solver.damping", damping, minimum=0)
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed that torch and numpy cannot both take (they need 0 <= seed < 2**32)."""
+    check_number("solver.seed", seed, integer=True, minimum=0, below=2**32)
 
 
 def solver_from_config(config: Any) -> Solver:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from .. import progress
-from ..config import DEFAULT_DAMPING
+from ..config import DEFAULT_DAMPING, check_number
 from ..errors import SolverError
 from ..hvp import Hessian
-from .base import Solver, SolveResult, _check_damping, residual_info
+from .base import Solver, SolveResult, check_damping, check_seed, residual_info
 
 FASTIF_DEPTH = 1000
 """Steps per chain of :meth:`LiSSAConfig.from_fastif` unless given (this library's long-standing default)."""
@@ -36,6 +36,10 @@ class LiSSAConfig:
     batches from its own seed ``(seed, r)``, so results do not depend on which worker ran which chain.
     ``tail_average`` > 0 averages the iterates of that final fraction of steps instead of taking the last one: the
     chain's stationary mean is the same fixed point, and averaging cuts the minibatch noise the last iterate keeps.
+
+    ``LiSSA()`` is the automatic mode. The pipeline and CLI default is FastIF's fast s_test in the fixed mode:
+    ``LiSSAConfig(depth=500, batch_size=1, tail_average=0.5, scale_samples=4, power_iterations=10)`` with one
+    chain per worker (``SolverStageConfig``; docs/cli.md), pinned by ``tests/test_api_defaults.py``.
     """
 
     damping: float = DEFAULT_DAMPING
@@ -50,6 +54,20 @@ class LiSSAConfig:
     tail_average: float | None = None
     target_residual: float = 0.05
     max_steps: int = 20_000
+
+    def __post_init__(self) -> None:
+        """Refuse values that cannot run: sizes below 1, a tail outside [0, 1), a scale or target not > 0, and a
+        ``scale_margin`` <= 0.5 (the recursion contracts only when scale > (top eigenvalue + damping) / 2)."""
+        check_damping(self.damping)
+        check_seed(self.seed)
+        check_number("solver.scale", self.scale, above=0, optional=True)
+        for name in ("depth", "repeats", "batch_size"):
+            check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1, optional=True)
+        for name in ("power_iterations", "scale_samples", "max_steps"):
+            check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1)
+        check_number("solver.scale_margin", self.scale_margin, above=0.5)
+        check_number("solver.tail_average", self.tail_average, minimum=0, below=1, optional=True)
+        check_number("solver.target_residual", self.target_residual, above=0)
 
     @property
     def adaptive(self) -> bool:
@@ -83,17 +101,6 @@ def _power_iteration(matvec, dim: int, iterations: int, generator: torch.Generat
     return abs(estimate)
 
 
-def _check_lissa_config(config: LiSSAConfig) -> None:
-    _check_damping(config.damping)
-    sizes = {"depth": config.depth, "repeats": config.repeats, "batch_size": config.batch_size}
-    if any(value is not None and value <= 0 for value in sizes.values()) or config.max_steps <= 0:
-        raise SolverError("LiSSA depth, repeats, batch_size and max_steps must all be positive")
-    if config.tail_average is not None and not 0.0 <= config.tail_average < 1.0:
-        raise SolverError(f"LiSSA tail_average must lie in [0, 1), got {config.tail_average}")
-    if not config.target_residual > 0:
-        raise SolverError(f"LiSSA target_residual must be positive, got {config.target_residual}")
-
-
 class LiSSA(Solver, name="lissa"):
     """LiSSA with a contraction-safe automatic scale, divergence detection and per-chain norm traces.
 
@@ -102,10 +109,10 @@ class LiSSA(Solver, name="lissa"):
     """
 
     config_class = LiSSAConfig
+    iterative = True
 
     def fit(self, hessian: Hessian) -> LiSSA:
         config = self.config
-        _check_lissa_config(config)
         super().fit(hessian)
         auto = config.adaptive
         self.depth = config.depth or AUTO_START_DEPTH
@@ -117,8 +124,6 @@ class LiSSA(Solver, name="lissa"):
             self.top_eigenvalue = self._estimate_top_eigenvalue(hessian)
             self.scale = max(config.scale_margin * (self.top_eigenvalue + config.damping), 1e-12)
         else:
-            if config.scale <= 0:
-                raise SolverError(f"LiSSA scale must be positive, got {config.scale}")
             self.scale = config.scale
         return self
 

@@ -78,7 +78,7 @@ class NLIRecipe:
         if isinstance(value, NLITrainConfig):
             return value
         if isinstance(value, dict):
-            return config_from_dict(NLITrainConfig, value)
+            return config_from_dict(NLITrainConfig, value, "model.recipe.")
         raise ConfigError(f"model.recipe must be a table of NLITrainConfig options, got {type(value).__name__}")
 
     def load_model(self, model: ModelConfig, data: DataConfig, device: torch.device, progress: bool) -> LoadedModel:

@@ -33,6 +33,7 @@ last layer runs at [CLS] only, whose query and feed-forward blocks then average 
 from __future__ import annotations
 
 import math
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,11 +42,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ...config import DEFAULT_DAMPING
+from ...config import DEFAULT_DAMPING, check_choice, check_number, shown
 from ...data import index_chunks
-from ...errors import SolverError
+from ...errors import ConfigError, SolverError
 from ...hvp import Hessian
-from ..base import Solver, SolveResult
+from ..base import Solver, SolveResult, check_seed
+from ..cg import check_cg_options, indefinite_error
 from .factors import Likelihood, diagonal_squares, layer_tokens, masked_tokens, resolve_likelihood, sample_targets
 from .layers import KroneckerLayer, find_blocks
 
@@ -64,6 +66,10 @@ class KFACConfig:
     seed: int = 0
     memory_budget: int = 8 * 2**30
 
+    def __post_init__(self) -> None:
+        """Refuse a damping that is neither a finite number >= 0 nor 'heuristic', and bad choices or sizes."""
+        check_factor_options(self)
+
 
 @dataclass(frozen=True)
 class EKFACConfig:
@@ -74,6 +80,20 @@ class EKFACConfig:
     likelihood: Likelihood = "auto"
     seed: int = 0
     memory_budget: int = 8 * 2**30
+
+    def __post_init__(self) -> None:
+        """Refuse a damping that is neither a finite number >= 0 nor 'heuristic', and bad choices or sizes."""
+        check_factor_options(self)
+
+
+def check_factor_options(config: KFACConfig | EKFACConfig) -> None:
+    """The checks K-FAC and EK-FAC share (keys ``solver.*``, as the pipeline's [solver] table names them)."""
+    if config.damping != "heuristic":
+        check_number("solver.damping", config.damping, minimum=0)
+    check_choice("solver.fisher", config.fisher, ("empirical", "true"))
+    check_choice("solver.likelihood", config.likelihood, typing.get_args(Likelihood))
+    check_seed(config.seed)
+    check_number("solver.memory_budget", config.memory_budget, integer=True, minimum=1)
 
 
 @dataclass
@@ -100,8 +120,6 @@ class KFAC(Solver, name="kfac"):
     def begin(self, hessian: Hessian) -> KFAC:
         """Check the config, map the selected parameters to blocks and check the memory budget; no data pass."""
         config = self.config
-        if config.damping != "heuristic" and not (isinstance(config.damping, int | float) and config.damping >= 0):
-            raise SolverError(f"damping must be a number >= 0 or 'heuristic', got {config.damping!r}")
         if config.fisher == "true":
             resolve_likelihood(hessian.adapter, config.likelihood)
         self.hessian = hessian
@@ -370,17 +388,24 @@ class PCGConfig:
     tolerance: float = 1e-8
     preconditioner: EKFACConfig | KFACConfig | None = field(default=None)
 
+    def __post_init__(self) -> None:
+        """CG's checks (damping, max_iterations, tolerance), and a preconditioner that is a K-FAC/EK-FAC config."""
+        check_cg_options(self)
+        if not isinstance(self.preconditioner, EKFACConfig | KFACConfig | None):
+            raise ConfigError(
+                f"solver.preconditioner must be an EKFACConfig, a KFACConfig or None, got {shown(self.preconditioner)}",
+                "solver.preconditioner",
+            )
+
 
 class PCG(Solver, name="pcg"):
     """Conjugate gradients preconditioned by a K-FAC or EK-FAC solve; reports iterations and the residual trace."""
 
     config_class: ClassVar[type] = PCGConfig
+    iterative = True
 
     def fit(self, hessian: Hessian, preconditioner: KFAC | None = None) -> PCG:
         """Fit the preconditioner on ``hessian`` (or use an already fitted one); returns self."""
-        config = self.config
-        if not config.damping >= 0 or config.max_iterations < 1:
-            raise SolverError("PCG needs damping >= 0 and max_iterations >= 1")
         super().fit(hessian)
         self.preconditioner = self.unfitted_preconditioner().fit(hessian) if preconditioner is None else preconditioner
         return self
@@ -408,10 +433,7 @@ class PCG(Solver, name="pcg"):
             product = hessian.matvec(direction) + config.damping * direction
             curvature = (direction * product).sum(dim=1)
             if bool((curvature[active] <= 0).any()):
-                raise SolverError(
-                    f"PCG met non-positive curvature: H + damping·I is not positive definite; increase damping "
-                    f"(now {config.damping})"
-                )
+                raise indefinite_error("PCG", hessian, config.damping, direction[active], curvature[active], len(trace))
             step = torch.where(active, inner / torch.where(active, curvature, 1.0), 0.0)
             x += step[:, None] * direction
             residual -= step[:, None] * product
