@@ -37,13 +37,14 @@ def _duration(seconds: float) -> str:
 
 @torch.no_grad()
 def pass_seconds(pipeline: Pipeline) -> float:
-    """The training pass's time: a no-grad forward over a few short batches spread over the length order, scaled
-    to the training set."""
+    """The training pass's time: a no-grad forward over a few short batches spread over the length order (after
+    one untimed warm-up batch), scaled to the training set."""
     train, adapter = pipeline.train, pipeline.adapter
     order = length_order(train, range(len(train)))
     starts = [int(q * len(order)) for q in (0.125, 0.375, 0.625, 0.875)][:SAMPLE_BATCHES]
     chunks = [order[start : start + SAMPLE_BATCH_SIZE] for start in starts]
     chunks = [chunk for chunk in chunks if chunk]
+    adapter.features(adapter.to_device(train.batch(chunks[0])))  # warm-up: the first forward sets things up
     seconds = sum(_seconds(lambda c=chunk: adapter.features(adapter.to_device(train.batch(c)))) for chunk in chunks)
     return seconds / sum(len(chunk) for chunk in chunks) * len(train)
 
