@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fastif import AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
 from fastif.candidates import CandidateIndex
+from fastif.errors import StoreError
 from fastif.files import atomic_write_json, cache_dir
 from fastif.fingerprint import fingerprint_parameters
 from fastif.grads import per_example_grads
@@ -139,6 +140,18 @@ class Setup:
         return influence
 
 
+def _open_waiting(folder: Path, identity: dict[str, Any], wait_seconds: float = 3600.0) -> Store:
+    """The study's store, waiting while another part holds its lock: parts started together share one pass."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return Store.open(folder, **identity)
+        except StoreError as error:
+            if not str(error).startswith("another fastif run") or time.monotonic() > deadline:
+                raise
+            time.sleep(5.0)
+
+
 def _frozen_path(model: nn.Module, train_text: Any, l2: float) -> tuple[Influence, bool, float]:
     """The core frozen path over ``train_text`` (``frozen="on"``), its one pass kept in a Store under the cache root
     (keyed by the model's weights and the tokenised data); returns it, whether the pass was loaded, and its seconds."""
@@ -148,7 +161,7 @@ def _frozen_path(model: nn.Module, train_text: Any, l2: float) -> tuple[Influenc
         "data_fingerprint": train_text.fingerprint(),
         "config": {"parameters": list(adapter.names)},
     }
-    with Store.open(index_cache_folder(identity, cache_dir("study")), **identity) as store:
+    with _open_waiting(index_cache_folder(identity, cache_dir("study")), identity) as store:
         influence = Influence(adapter, train_text, frozen="on", cache=store)
         loaded, seconds = timed(influence.cached_training_pass)
     return influence, loaded, seconds
