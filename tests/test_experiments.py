@@ -6,18 +6,27 @@ import argparse
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from fastif.applications.finetune.config import SplitConfig
-from fastif.applications.finetune.head import TopLayers, encode_hidden, top_layers_adapter
-from fastif.applications.finetune.run import anchor_schedule, collate, evaluate, mean_loss, sgd_step
+from fastif.applications.finetune.run import (
+    anchor_schedule,
+    collate,
+    encoder,
+    evaluate,
+    mean_loss,
+    sgd_step,
+    trainable_adapter,
+)
 from fastif.applications.finetune.summary import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
 from fastif.cli.applications import add_experiment_commands
 from fastif.cli.applications import experiment_config_from_args as config_from_args
 from fastif.config import config_to_dict, save_config
 from fastif.data.text import TextPairData
 from fastif.errors import ConfigError
+from fastif.model.frozen import FrozenAdapter, find_split
 from fastif.recipes.nli import load_embedded, load_minilm_tokenizer, nli_label_scheme
 from fastif.recipes.nli.apps import NLI_TASK, ExperimentConfig, default_config, load_experiment_config, quick_config
 from fastif.recipes.nli.splits import anli_split, hans_split
@@ -132,45 +141,69 @@ def test_anchor_schedule_is_seeded_and_shared_across_modes():
 # ---------------------------------------------------------------------------------------------- cached top layers
 
 
+def frozen_top(tokenizer, model, config, cache_dir=None):
+    """The experiment's adapter, split and encoder for ``model`` (the core frozen path, as ``prepare`` builds it)."""
+    full = trainable_adapter(model, config)
+    split = find_split(full, "on")
+    names = nli_label_scheme(model.config.num_labels)[0]
+    return full, split, encoder(full, split, tokenizer, config, names, cache_dir)
+
+
 def test_top_layers_on_cached_inputs_equal_the_full_model(tokenizer):
     from fastif.model.predict import predict_logits
 
     model = tiny_nli_model(tokenizer, 2)
     data = pairs(tokenizer, "mnli_train", 12)
-    top = TopLayers(model, 1)
-    cached = encode_hidden(model, data, top.first, batch_size=5)
-    (hidden, mask), labels = cached.batch(range(12))
-    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
-    assert torch.equal(labels, data.labels)
-    assert top.module_names == ("bert.encoder.layer.1", "bert.pooler", "classifier")
-    adapter = top_layers_adapter(top, 1e-3)
-    assert adapter.num_params == sum(p.numel() for p in top.parameters())
+    config = replace(quick_config("correct"), trainable_layers=1, max_length=128)
+    full, split, encode = frozen_top(tokenizer, model, config)
+    encoded = encode(data.records)
+    top = FrozenAdapter(full, split, encoded.layer_returns_tuple)
+    cached = encoded.data
+    batch = cached.batch(range(12))
+    flat = top.flat_params()
+    assert torch.allclose(top.outputs(flat, batch), predict_logits(model, data), atol=1e-5)
+    assert torch.equal(top.raw_batch(batch)["labels"], data.labels)
+    modules = ("bert.encoder.layer.1", "bert.pooler", "classifier")
+    assert set(top.names) == {name for name, _ in model.named_parameters() if name.startswith(modules)}
+    assert top.num_params == sum(p.numel() for m in modules for p in model.get_submodule(m).parameters())
+    assert split.first == 1 and not split.first_token_only
     before = model.classifier.weight.detach().clone()
-    sgd_step(adapter, cached, lr=0.5)
+    sgd_step(top, cached, lr=0.5)
     assert not torch.equal(before, model.classifier.weight)  # the step lands in the full model
-    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
+    assert torch.allclose(top.outputs(top.flat_params(), batch), predict_logits(model, data), atol=1e-5)
     metrics = evaluate(top, collate(cached, batch_size=4))
     assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+    assert metrics["loss"] == pytest.approx(mean_loss(top, cached), rel=1e-5)
 
 
 def test_cls_only_top_and_the_disk_cache(tokenizer, tmp_path):
-    from fastif.applications.finetune.head import cached_encode, model_fingerprint
+    from fastif.fingerprint import fingerprint_parameters
     from fastif.model.predict import predict_logits
 
     model = tiny_nli_model(tokenizer, 3)
     data = pairs(tokenizer, "mnli_train", 9, num_labels=3)
-    top = TopLayers(model, 0)
-    assert top.cls_only and top.module_names == ("bert.pooler", "classifier")
-    key = model_fingerprint(model)
-    first = cached_encode(model, data, top.first, True, tmp_path, key)
-    assert all(state.shape == (1, 16) for state in first.states) and len(list(tmp_path.iterdir())) == 1
-    again = cached_encode(model, data, top.first, True, tmp_path, key)  # read back from disk
-    assert all(torch.equal(a, b) for a, b in zip(first.states, again.states, strict=True))
-    (hidden, mask), _ = again.batch(range(9))
-    assert torch.allclose(top(hidden, mask), predict_logits(model, data), atol=1e-5)
+    full, split, encode = frozen_top(tokenizer, model, quick_config("correct"), cache_dir=tmp_path)
+    assert split.first_token_only and all(name.startswith(("bert.pooler", "classifier")) for name in full.names)
+    key = fingerprint_parameters(dict(model.state_dict()))
+    first = encode(data.records)
+    assert first.data.sizes == [1] * 9 and first.data.states.shape == (9, 16)
+    assert len(list(tmp_path.iterdir())) == 1
+    calls: list[int] = []
+    handle = model.bert.embeddings.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        again = encode(data.records)  # read back from disk: no forward pass
+    finally:
+        handle.remove()
+    assert calls == [] and torch.equal(first.data.states, torch.from_numpy(np.array(again.data.states)))
+    assert torch.equal(first.features, again.features)
+    top = FrozenAdapter(full, split, again.layer_returns_tuple)
+    assert torch.allclose(top.outputs(top.flat_params(), again.data.batch(range(9))), predict_logits(model, data),
+                          atol=1e-5)  # fmt: skip
     with torch.no_grad():
         model.classifier.bias.add_(1.0)
-    assert model_fingerprint(model) != key
+    assert fingerprint_parameters(dict(model.state_dict())) != key
+    frozen_top(tokenizer, model, quick_config("correct"), cache_dir=tmp_path)[2](data.records)
+    assert len(list(tmp_path.iterdir())) == 2  # another model: another folder
 
 
 def test_helpful_points_lower_the_anchor_loss_and_harmful_raise_it(factory):

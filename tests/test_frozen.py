@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from fastif import CG, AdapterConfig, Exact, HFClassifierAdapter, Influence
-from fastif.errors import ModelError
+from fastif.errors import DataError, ModelError
 from fastif.model.frozen import encode_prefix, find_split
 from fastif.scores import ScoreConfig
 
@@ -262,3 +262,24 @@ def test_a_first_token_classifier_runs_its_head_alone() -> None:
             handle.remove()
     full = adapter.per_example_loss(influence.flat, adapter.to_device(TokenData(6, 15).batch([0, 1, 2])))
     assert calls == [] and torch.allclose(losses, full, rtol=1e-10, atol=1e-12)
+
+
+def test_an_influence_over_a_frozen_adapter_and_a_subset_of_its_activations() -> None:
+    """A ``FrozenAdapter`` is not split again (``find_split`` leaves it alone), and an ``ActivationData`` subset
+    gives the parent's scores for those points: the fine-tuning loop builds its per-step Influence this way."""
+    adapter = _adapter("bert", 1)
+    train, test = TokenData(10, 16), TokenData(2, 17)
+    outer = Influence(adapter, train, Exact(damping=100.0), frozen="on")
+    head, activations = outer.work_adapter, outer.train_view
+    assert find_split(head, "on") is None and find_split(head, "auto") is None
+    picked = [7, 2, 5]
+    subset = activations.subset(picked)
+    assert len(subset) == 3 and subset.lengths == [train.lengths[i] for i in picked]
+    torch.testing.assert_close(subset.batch([0, 1])["hidden"], activations.batch([7, 2])["hidden"], rtol=0, atol=0)
+    inner = Influence(head, activations, Exact(damping=100.0))
+    assert inner.split is None
+    tests = outer.prepare(test).data
+    expected = outer.scores(test, train_indices=picked)
+    torch.testing.assert_close(inner.scores(tests, train_indices=picked), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(DataError, match="subset"):
+        activations.subset([10])

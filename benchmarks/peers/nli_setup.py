@@ -3,14 +3,15 @@
 Influence is taken over the **pooler + classifier** (148,995 parameters), the smaller subset the study in
 docs/study.md uses: on a shared 2-core CPU the top two encoder layers (3.7M parameters) made a full-data Hessian
 reference unaffordable. The reference is exact influence for those parameters: the [CLS] hidden state that the pooler
-reads does not depend on them, so it is computed once per example and CG on the full 8,000-point Hessian, and the
-per-example gradients of all 8,000 points, run on a two-layer head that shares the model's tensors.
+reads does not depend on them, so the core frozen path (``frozen="on"``) computes it once per example and CG on the
+full 8,000-point Hessian, and the per-example gradients of all 8,000 points, run on the model's own pooler +
+classifier alone.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fastif import CG, AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig, TensorData, TorchAdapter
-from fastif.data import iter_batches
+from fastif import CG, AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
 from fastif.data.text import TextPairData
 from fastif.model.hf import L2_EXCLUDE
-from fastif.model.predict import model_inputs
 from fastif.recipes.nli import NLI3_LABELS, NLITrainConfig, load_embedded, train_nli_classifier
 
 INCLUDE = ("bert.pooler", "classifier")
@@ -137,61 +136,31 @@ def fresh_model(problem: NLIProblem) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- exact reference
 
 
-class PoolerHead(nn.Module):
-    """``classifier(tanh(pooler(h_cls)))`` with the model's own pooler and classifier modules (shared tensors)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.pooler = model.bert.pooler.dense
-        self.classifier = model.classifier
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.classifier(torch.tanh(self.pooler(hidden)))
-
-
-@torch.no_grad()
-def cls_hidden_states(model: nn.Module, data: TextPairData, batch_size: int = 64) -> Tensor:
-    """The last encoder layer's [CLS] state for every example (what the pooler reads), by one no-grad forward."""
-    rows = []
-    for _, batch in iter_batches(data, batch_size):
-        rows.append(model.bert(**model_inputs(batch)).last_hidden_state[:, 0])
-    return torch.cat(rows)
-
-
-def _head_adapter(problem: NLIProblem) -> TorchAdapter:
-    """The head's adapter with the same objective as :meth:`NLIProblem.adapter`."""
-    loss: Callable[[Tensor, Tensor], Tensor] = lambda logits, y: nn.functional.cross_entropy(  # noqa: E731
-        logits, y, reduction="none"
-    )
-    return TorchAdapter(PoolerHead(problem.model), loss, AdapterConfig(l2=problem.l2, l2_exclude=("*bias",)))
-
-
 def exact_reference(problem: NLIProblem) -> dict[str, Any]:
-    """Exact scores [n_test, n_train]: CG on the full Hessian (relative residual 1e-8) and every training gradient."""
-    hidden_train = cls_hidden_states(problem.model, problem.train)
-    hidden_test = cls_hidden_states(problem.model, problem.test)
-    train = TensorData((hidden_train, problem.train.labels))
-    test = TensorData((hidden_test, problem.test.labels))
-    n = len(train)
+    """Exact scores [n_test, n_train]: CG on the full Hessian (relative residual 1e-8) and every training gradient,
+    on the core frozen path (the cached [CLS] vector feeds the model's own pooler + classifier)."""
+    n = len(problem.train)
     influence = Influence(
-        _head_adapter(problem),
-        train,
+        problem.adapter(),
+        problem.train,
         CG(damping=problem.spec.damping, max_iterations=500, tolerance=1e-8),
         ScoreConfig(method="grad", batch_size=1024, chunk_size=256),
         hessian_batch_size=n,
+        frozen="on",
     )
-    result = influence.candidate_scores(test)
+    result = influence.candidate_scores(problem.test)
     info = {k: v for k, v in result.solve.info.items() if not isinstance(v, list | torch.Tensor)}
     return {"scores": result.scores.numpy(), "cg": info}
 
 
 def check_head_equivalence(problem: NLIProblem, count: int = 4) -> float:
-    """Max relative difference between the head's and the full model's per-example gradients (should be ~1e-6)."""
+    """Max relative difference between the frozen path's and the full model's per-example gradients (~1e-6)."""
     from fastif.grads import per_example_grads
 
-    batch = problem.train.batch(list(range(count)))
-    full = per_example_grads(problem.adapter(), problem.adapter().flat_params(), batch)
-    hidden = cls_hidden_states(problem.model, problem.train.subset(list(range(count))))
-    head = _head_adapter(problem)
-    ours = per_example_grads(head, head.flat_params(), (hidden, batch["labels"]))
-    return float((full - ours).norm() / full.norm())
+    full = problem.adapter()
+    indices = list(range(count))
+    reference = per_example_grads(full, full.flat_params(), problem.train.batch(indices))
+    influence = Influence(full, problem.train.subset(indices), frozen="on")
+    head = influence.work_adapter
+    ours = per_example_grads(head, head.flat_params(), influence.train_view.batch(indices))
+    return float((reference - ours).norm() / reference.norm())

@@ -1,17 +1,18 @@
-"""Shared set-up of the speed/quality study (issue 3, part 6): the embedded NLI model, its frozen-bottom cache, the
-influence head, test-point selection, spectrum, timing and results files.
+"""Shared set-up of the speed/quality study (issue 3, part 6): the embedded NLI model on the core frozen-bottom path,
+the facade over it, test-point selection, spectrum, timing and results files.
 
 Influence is taken over the **pooler + classifier** of the embedded 3-class MiniLM NLI model (148,995 parameters;
 FastIF took BERT's top two layers + pooler + classifier). Everything below the pooler does not depend on those
-parameters, so the [CLS] hidden state that the pooler reads is computed once per example (a no-grad forward of the
-whole model) and cached; every gradient, HVP and score then runs on :class:`PoolerHead`, which holds the *same*
-parameter tensors as the HF model. :func:`equivalence_check` verifies that its per-example gradients equal those
-of ``HFClassifierAdapter(include=(pooler, classifier))`` on the full model.
+parameters, so the core frozen-bottom path (:mod:`fastif.model.frozen`, ``Influence(..., frozen="on")``) computes the
+[CLS] hidden state that the pooler reads once per example (one no-grad forward, kept in a
+:class:`~fastif.store.Store` under the cache root) and every gradient, HVP and score runs on the model's own pooler and
+classifier alone. :func:`equivalence_check` verifies that its per-example gradients equal those of
+``HFClassifierAdapter(include=(pooler, classifier))`` on the full model. The parts score through the facade
+(:meth:`Setup.facade`: ``candidate_scores`` / ``solve`` / ``score_s_test``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -27,11 +28,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastif import AdapterConfig, HFClassifierAdapter, TensorData, TorchAdapter
-from fastif.data import iter_batches
-from fastif.files import atomic_write_json
+from fastif import AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
+from fastif.candidates import CandidateIndex
+from fastif.errors import StoreError
+from fastif.files import atomic_write_json, cache_dir
+from fastif.fingerprint import fingerprint_parameters
 from fastif.grads import per_example_grads
 from fastif.hvp import Hessian
+from fastif.model.adapter import ModelAdapter
+from fastif.model.frozen import ActivationData
+from fastif.model.hf import L2_EXCLUDE
+from fastif.solvers import Solver
+from fastif.store import Store
+from fastif.store.artifacts import index_cache_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,74 +89,33 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------------------------- the head
-
-
-class PoolerHead(nn.Module):
-    """``classifier(tanh(pooler(h_cls)))``: the part of a BERT classifier above the [CLS] hidden state (eval mode).
-
-    ``pooler`` and ``classifier`` are the HF model's own modules (shared tensors), so editing one edits the other.
-    """
-
-    def __init__(self, pooler: nn.Linear, classifier: nn.Linear) -> None:
-        super().__init__()
-        self.pooler = pooler
-        self.classifier = classifier
-
-    def pooled(self, hidden: Tensor) -> Tensor:
-        """The pooled [CLS] vector: the classifier's input and FastIF's kNN feature."""
-        return torch.tanh(self.pooler(hidden))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.classifier(self.pooled(hidden))
-
-
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-example cross-entropy (no reduction)."""
-    return nn.functional.cross_entropy(logits, labels, reduction="none")
-
-
-def head_adapter(head: PoolerHead, l2: float) -> TorchAdapter:
-    """Adapter over the head's parameters; objective = mean CE + (l2/2)·‖weights‖² (biases excluded, as trained)."""
-    return TorchAdapter(
-        head,
-        cross_entropy,
-        AdapterConfig(l2=l2, l2_exclude=("*.bias",)),
-        feature_fn=lambda model, hidden: model.pooled(hidden),
-    )
-
-
-@torch.no_grad()
-def cls_hidden_states(model: nn.Module, data: Any, batch_size: int = 64) -> Tensor:
-    """Last-layer [CLS] hidden state [n, d] of every example (what the pooler reads), batched by length."""
-    model.eval()
-    lengths = getattr(data, "lengths", None)
-    order = sorted(range(len(data)), key=lambda i: lengths[i]) if lengths is not None else list(range(len(data)))
-    out: Tensor | None = None
-    for chunk, batch in iter_batches(data, batch_size, order):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = model.base_model(**inputs).last_hidden_state[:, 0]
-        if out is None:
-            out = torch.empty(len(data), hidden.shape[1], dtype=hidden.dtype)
-        out[torch.as_tensor(chunk)] = hidden
-    assert out is not None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the set-up
+
+
+def influence_parameters(model: nn.Module) -> tuple[str, str]:
+    """The study's parameters: the pooler and the classifier (module prefixes)."""
+    names = [name for name, _ in model.named_parameters()]
+    pooler = next(name.rsplit(".dense.", 1)[0] for name in names if name.endswith("pooler.dense.weight"))
+    return pooler, "classifier"
+
+
+def full_adapter(model: nn.Module, l2: float) -> HFClassifierAdapter:
+    """The HF model's adapter over pooler + classifier; objective = mean CE + (l2/2)·‖weights‖² (the one L2 rule)."""
+    return HFClassifierAdapter(model, AdapterConfig(include=influence_parameters(model), l2=l2, l2_exclude=L2_EXCLUDE))
 
 
 @dataclass
 class Setup:
-    """Everything the study parts share: model, texts, cached hidden states, head, adapter, predictions."""
+    """Everything the study parts share: model, texts, the frozen path's head adapter and cached activations, the
+    kNN index over the training features (from the same pass), predictions."""
 
     model: nn.Module
     train_text: Any  # TextPairData over the influence training split
     test_text: Any  # TextPairData over the MNLI test split
-    train: TensorData  # (hidden [N, d], labels [N])
-    test: TensorData  # (hidden [M, d], labels [M])
-    head: PoolerHead
-    adapter: TorchAdapter
+    adapter: ModelAdapter  # the frozen path's working adapter: pooler + classifier on the cached [CLS] state
+    train: ActivationData
+    test: ActivationData
+    index: CandidateIndex
     l2: float
     predictions: Tensor  # [M] predicted labels on the test split
     info: dict[str, Any]
@@ -156,34 +124,47 @@ class Setup:
     def n_train(self) -> int:
         return len(self.train)
 
-    def test_subset(self, indices: Sequence[int]) -> TensorData:
-        """The test points ``indices`` as a dataset of cached hidden states."""
+    def test_subset(self, indices: Sequence[int]) -> ActivationData:
+        """The test points ``indices`` with their cached activations."""
         return self.test.subset(list(indices))
 
     def hessian(self, batch_size: int = 1024) -> Hessian:
         """The training objective's Hessian over the head's parameters and all N training points."""
         return Hessian(self.adapter, self.train, self.adapter.flat_params(), batch_size)
 
+    def facade(self, solver: Solver | None = None, score: ScoreConfig | None = None) -> Influence:
+        """The facade over the cached head with ``solver`` and ``score`` (Hessian batches of 1,024), sharing the
+        set-up's kNN index: every part's s_test, candidates and scores go through it."""
+        influence = Influence(self.adapter, self.train, solver, score, hessian_batch_size=1024)
+        influence.build_index(self.index)
+        return influence
 
-def _cache_file(model_path: Path, split: str, n: int) -> Path:
-    digest = hashlib.sha256(str(model_path).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("FASTIF_STUDY_CACHE") or Path.home() / ".cache" / "fastif" / "study")
-    return root / f"{digest}-{split}-{n}.npy"
+
+def _open_waiting(folder: Path, identity: dict[str, Any], wait_seconds: float = 3600.0) -> Store:
+    """The study's store, waiting while another part holds its lock: parts started together share one pass."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return Store.open(folder, **identity)
+        except StoreError as error:
+            if not str(error).startswith("another fastif run") or time.monotonic() > deadline:
+                raise
+            time.sleep(5.0)
 
 
-def _cached_hidden(model: nn.Module, data: Any, path: Path) -> tuple[Tensor, float]:
-    """Cached [CLS] hidden states (``.npy``), computed once; returns (states, seconds the computation took)."""
-    sidecar = path.with_suffix(".json")
-    if path.is_file():
-        seconds = float(json.loads(sidecar.read_text())["seconds"]) if sidecar.is_file() else float("nan")
-        return torch.from_numpy(np.load(path)), seconds
-    states, seconds = timed(lambda: cls_hidden_states(model, data))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, states.numpy())
-    os.replace(tmp, path)
-    atomic_write_json(sidecar, {"seconds": seconds, "examples": len(data), "loadavg": list(os.getloadavg())})
-    return states, seconds
+def _frozen_path(model: nn.Module, train_text: Any, l2: float) -> tuple[Influence, bool, float]:
+    """The core frozen path over ``train_text`` (``frozen="on"``), its one pass kept in a Store under the cache root
+    (keyed by the model's weights and the tokenised data); returns it, whether the pass was loaded, and its seconds."""
+    adapter = full_adapter(model, l2)
+    identity = {
+        "model_fingerprint": fingerprint_parameters(dict(model.state_dict())),
+        "data_fingerprint": train_text.fingerprint(),
+        "config": {"parameters": list(adapter.names)},
+    }
+    with _open_waiting(index_cache_folder(identity, cache_dir("study")), identity) as store:
+        influence = Influence(adapter, train_text, frozen="on", cache=store)
+        loaded, seconds = timed(influence.cached_training_pass)
+    return influence, loaded, seconds
 
 
 def load_setup(
@@ -203,54 +184,36 @@ def load_setup(
     if model is None:
         trained, seconds = timed(lambda: train_nli_classifier(NLITrainConfig(), progress=False))
         model, tokenizer, l2 = trained.model, trained.tokenizer, trained.config.l2
-        model_path = Path(trained.path)
-        info.update(model_path=str(model_path), model_metrics=trained.metrics, model_load_seconds=seconds)
-    else:
-        model_path = Path(f"in-memory-{id(model)}")
+        info.update(model_path=str(trained.path), model_metrics=trained.metrics, model_load_seconds=seconds)
     model.eval()
+    l2 = float(l2 or 0.0)
     train_text = TextPairData(load_embedded("mnli_train")[:n_train], tokenizer)
     test_text = TextPairData(load_embedded("mnli_test")[:n_test], tokenizer)
-    if str(model_path).startswith("in-memory"):
-        hidden_train, t_train = timed(lambda: cls_hidden_states(model, train_text))
-        hidden_test, t_test = timed(lambda: cls_hidden_states(model, test_text))
-    else:
-        hidden_train, t_train = _cached_hidden(model, train_text, _cache_file(model_path, "train", n_train))
-        hidden_test, t_test = _cached_hidden(model, test_text, _cache_file(model_path, "test", len(test_text)))
-    info.update(cache_seconds_train=t_train, cache_seconds_test=t_test)
-    base = model.base_model
-    head = PoolerHead(base.pooler.dense, model.classifier)
-    adapter = head_adapter(head, float(l2 or 0.0))
+    influence, loaded, t_train = _frozen_path(model, train_text, l2)
+    test, t_test = timed(lambda: influence.prepare(test_text).data)
+    info.update(
+        cache_seconds_train=None if loaded else t_train, train_pass_from_cache=loaded, cache_seconds_test=t_test
+    )
+    adapter = influence.work_adapter
+    flat = adapter.flat_params()
     with torch.no_grad():
-        predictions = head(hidden_test).argmax(-1)
-    test_labels = test_text.labels
+        predictions = adapter.outputs(flat, test.batch(range(len(test)))).argmax(-1)
     info.update(
         n_train=n_train,
         n_test=len(test_text),
         parameters=adapter.num_params,
         parameter_names=adapter.names,
-        l2=float(l2 or 0.0),
-        test_accuracy=float((predictions == test_labels).float().mean()),
+        l2=l2,
+        test_accuracy=float((predictions == test_text.labels).float().mean()),
     )
-    return Setup(
-        model,
-        train_text,
-        test_text,
-        TensorData((hidden_train, train_text.labels)),
-        TensorData((hidden_test, test_labels)),
-        head,
-        adapter,
-        float(l2 or 0.0),
-        predictions,
-        info,
-    )
+    index, info["index_build_seconds"] = timed(influence.build_index)
+    return Setup(model, train_text, test_text, adapter, influence.train_view, test, index, l2, predictions, info)
 
 
 def equivalence_check(setup: Setup, n: int = 4) -> float:
-    """Max relative difference between the head's per-example gradients and the full HF model's (pooler +
+    """Max relative difference between the frozen path's per-example gradients and the full HF model's (pooler +
     classifier selected), on the first ``n`` training pairs: the cache must change nothing."""
-    names = [name for name, _ in setup.model.named_parameters()]
-    pooler = next(name.rsplit(".dense.", 1)[0] for name in names if name.endswith("pooler.dense.weight"))
-    full = HFClassifierAdapter(setup.model, AdapterConfig(include=(pooler, "classifier")))
+    full = full_adapter(setup.model, setup.l2)
     indices = list(range(n))
     reference = per_example_grads(full, full.flat_params(), setup.train_text.batch(indices))
     cached = per_example_grads(setup.adapter, setup.adapter.flat_params(), setup.train.batch(indices))
@@ -260,7 +223,7 @@ def equivalence_check(setup: Setup, n: int = 4) -> float:
 def pick_test_points(setup: Setup, n_correct: int, n_wrong: int, seed: int = 0) -> tuple[list[int], list[bool]]:
     """``n_correct`` correctly and ``n_wrong`` wrongly predicted test indices, seeded; returns (indices, correct)."""
     rng = np.random.default_rng(seed)
-    correct = (setup.predictions == setup.test.tensors[1]).numpy()
+    correct = (setup.predictions == setup.test_text.labels).numpy()
     right = rng.choice(np.flatnonzero(correct), size=n_correct, replace=False)
     wrong = rng.choice(np.flatnonzero(~correct), size=n_wrong, replace=False)
     indices = [int(i) for i in np.concatenate([right, wrong])]

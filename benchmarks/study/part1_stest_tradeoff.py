@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fastif.grads import dataset_grads
 from fastif.solvers import CG, LiSSA, LiSSAConfig
 
 try:
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     env = environment()
     setup = setup or load_setup(args.n_train)
     tests, correct = pick_test_points(setup, args.tests - args.tests // 2, args.tests // 2, args.seed)
-    vectors = dataset_grads(setup.adapter, setup.adapter.flat_params(), setup.test_subset(tests))
+    vectors = setup.facade().test_grads(setup.test_subset(tests))
     hessian = setup.hessian()
 
     cg = CG(damping=args.damping, tolerance=args.cg_tolerance, max_iterations=args.cg_iterations).fit(hessian)

@@ -1,10 +1,11 @@
 """Study part 2: kNN recall. How many of the top-m helpful / harmful training points (ranked by full influence over
 the whole training split) lie among a test point's k nearest neighbours in feature space, vs the k/N chance line.
 
-Full influence: one s_test per test point (``--solver lissa``: FastIF's original one-chain, B = 128, J = 1000
-LiSSA, vectorised over all test points; ``--solver cg``: CG to a tight tolerance), then one pass of per-example
-gradients over all N training points dotted with all s_test at once. Neighbours: FAISS IndexFlatL2 over the pooled
-[CLS] vector (the classifier's input), as FastIF.
+Full influence, through the facade (``Influence.candidate_scores`` over every training point): one s_test per test
+point (``--solver lissa``: FastIF's original one-chain, B = 128, J = 1000 LiSSA, vectorised over all test points;
+``--solver cg``: CG to a tight tolerance), then one pass of per-example gradients over all N training points dotted
+with all s_test at once. Neighbours (``Influence.nearest``): FAISS IndexFlatL2 over the pooled [CLS] vector (the
+classifier's input), as FastIF; the training features come from the frozen path's one pass.
 
     python benchmarks/study/part2_knn_recall.py --damping 0.3
 """
@@ -22,10 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fastif.candidates import CandidateConfig, CandidateIndex, compute_features
 from fastif.evaluation import chance_recall, topm_recall
-from fastif.grads import dataset_grads
-from fastif.scores import ScoreConfig, score_matrix
+from fastif.scores import ScoreConfig
 from fastif.solvers import CG, LiSSA, LiSSAConfig
 
 try:
@@ -56,27 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def full_scores(setup: Any, tests: list[int], args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, Any]]:
     """Scores [n_test, N] of every training point, and how s_test was obtained."""
-    flat = setup.adapter.flat_params()
-    vectors = dataset_grads(setup.adapter, flat, setup.test_subset(tests))
-    hessian = setup.hessian()
     if args.solver == "cg":
         solver = CG(damping=args.damping, tolerance=1e-6, max_iterations=args.cg_iterations)
         info: dict[str, Any] = {"solver": "CG, tolerance 1e-6, full Hessian"}
     else:
-        scale = LiSSA(LiSSAConfig(damping=args.damping, batch_size=args.scale_batch_size, seed=0)).fit(hessian).scale
+        scale_config = LiSSAConfig(damping=args.damping, batch_size=args.scale_batch_size, seed=0)
+        scale = LiSSA(scale_config).fit(setup.hessian()).scale
         config = LiSSAConfig(damping=args.damping, scale=scale, depth=args.depth, batch_size=args.batch_size, seed=0)
         solver = LiSSA(config)
         info = {"solver": f"LiSSA R=1, B={args.batch_size}, J={args.depth}, scale={scale:.4g} (FastIF's original)"}
-    result, seconds = timed(lambda: solver.fit(hessian).solve(vectors))
+    result = setup.facade(solver, ScoreConfig(method="grad")).candidate_scores(setup.test_subset(tests))
     info.update(
-        s_test_seconds=seconds,
-        **{k: v for k, v in result.info.items() if k in ("converged", "iterations", "late_growth")},
+        s_test_seconds=result.timings["s_test"],  # test gradients and the solve (the solver's fit is lazy, inside)
+        **{k: v for k, v in result.solve.info.items() if k in ("converged", "iterations", "late_growth")},
     )
-    scores, score_seconds = timed(
-        lambda: score_matrix(setup.adapter, flat, result.x, setup.train, None, ScoreConfig(method="grad"))
-    )
-    info["score_seconds"] = score_seconds
-    return scores, info
+    info["score_seconds"] = result.timings["scores"]
+    return result.scores, info
 
 
 def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
@@ -87,11 +81,8 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     n = setup.n_train
     tests, correct = pick_test_points(setup, args.correct, args.wrong, args.seed)
     scores, info = full_scores(setup, tests, args)
-    features, feature_seconds = timed(lambda: compute_features(setup.adapter, setup.train, 512))
-    index = CandidateIndex.build(features, CandidateConfig())
-    test_features = compute_features(setup.adapter, setup.test_subset(tests), 512)
     ks = sorted({min(k, n) for k in args.ks})
-    neighbours = index.search(test_features, ks[-1])[1]
+    neighbours, neighbour_seconds = timed(lambda: setup.facade().nearest(setup.test_subset(tests), ks[-1]).numpy())
     correct_mask = np.array(correct)
     curves = []
     for m in args.ms:
@@ -118,7 +109,7 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
         "test_points": tests,
         "test_correct": correct,
         "influence": info,
-        "feature_seconds": feature_seconds,
+        "neighbour_seconds": neighbour_seconds,  # test features + FAISS search (train features: the one pass)
         "index": "FAISS IndexFlatL2 over the pooled [CLS] vector (classifier input)",
         "curves": curves,
     }

@@ -3,9 +3,12 @@
 * **Original** (FastIF's "original" configuration): all N training points scored against one s_test from a single
   LiSSA chain with B = 128, J = 1000 (R = 1).
 * **FastIF**: the k = 100 / 1000 nearest training points (FAISS IndexFlatL2 over the pooled [CLS] vector) scored
-  against a fast s_test: B = 1 chains, R repeats averaged; run serially, and with ``fastif.runner`` (chains spread
-  over local worker processes) when ``--workers`` > 1. A second, shorter configuration (``--tuned-*``) uses
+  against a fast s_test: B = 1 chains, R repeats averaged; run serially, and with ``Influence.parallel`` (chains
+  spread over local worker processes) when ``--workers`` > 1. A second, shorter configuration (``--tuned-*``) uses
   part 1's finding (tail averaging, shorter chains).
+
+Every method runs through the facade's one path, ``Influence.candidate_scores`` (all N points for the original, the
+k nearest for FastIF), whose timings give each stage: test gradient + s_test, kNN query, scoring.
 
 Both use the same damping and the same scale (the automatic, contraction-safe scale of B = 1 chains). Agreement:
 Pearson, Spearman and Kendall of FastIF's scores against the original's on FastIF's candidates, per test point.
@@ -22,6 +25,7 @@ at B = 1 and B = 128 and the per-example scoring time are measured on the HF mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,18 +37,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fastif import AdapterConfig, HFClassifierAdapter
-from fastif.candidates import CandidateConfig, CandidateIndex, compute_features
 from fastif.evaluation import score_correlation
-from fastif.grads import dataset_grads, directional_derivatives
+from fastif.grads import directional_derivatives
 from fastif.hvp import Hessian
-from fastif.scores import ScoreConfig, score_matrix
+from fastif.scores import ScoreConfig
 from fastif.solvers import LiSSA, LiSSAConfig
 
 try:
-    from common import RESULTS, environment, load_json, load_setup, pick_test_points, timed, write_results
+    from common import RESULTS, environment, full_adapter, load_json, load_setup, pick_test_points, timed, write_results
 except ImportError:  # imported as benchmarks.study.part3_fastif_vs_original
-    from .common import RESULTS, environment, load_json, load_setup, pick_test_points, timed, write_results
+    from .common import (
+        RESULTS,
+        environment,
+        full_adapter,
+        load_json,
+        load_setup,
+        pick_test_points,
+        timed,
+        write_results,
+    )
 
 MNLI_TRAIN_SIZE = 392_702
 
@@ -74,19 +85,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _lissa(hessian: Hessian, damping: float, scale: float, batch: int, depth: int, repeats: int, tail: float = 0.0):
+def _lissa(damping: float, scale: float, batch: int, depth: int, repeats: int, tail: float = 0.0) -> LiSSA:
     config = LiSSAConfig(
         damping=damping, scale=scale, depth=depth, repeats=repeats, batch_size=batch, seed=0, tail_average=tail
     )
-    return LiSSA(config).fit(hessian)
+    return LiSSA(config)
 
 
 def full_model_costs(setup: Any, args: argparse.Namespace) -> dict[str, float]:
     """Per-step HVP seconds at B = 1 and B = original batch, and per-example score (JVP) seconds, on the whole HF
     model with the same parameters selected (no cache): what the original code paid per unit of work."""
-    names = [name for name, _ in setup.model.named_parameters()]
-    pooler = next(name.rsplit(".dense.", 1)[0] for name in names if name.endswith("pooler.dense.weight"))
-    adapter = HFClassifierAdapter(setup.model, AdapterConfig(include=(pooler, "classifier"), l2=setup.l2))
+    adapter = full_adapter(setup.model, setup.l2)
     flat = adapter.flat_params()
     hessian = Hessian(adapter, setup.train_text, flat, 64)
     rng = np.random.default_rng(0)
@@ -115,26 +124,21 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     env = environment()
     setup = setup or load_setup(args.n_train)
     n = setup.n_train
-    flat = setup.adapter.flat_params()
     tests, correct = pick_test_points(setup, args.correct, args.wrong, args.seed)
-    hessian = setup.hessian()
-    scale = LiSSA(LiSSAConfig(damping=args.damping, batch_size=1, seed=0)).fit(hessian).scale
-    features, index_seconds = timed(lambda: compute_features(setup.adapter, setup.train, 512))
-    index, build_seconds = timed(lambda: CandidateIndex.build(features, CandidateConfig()))
+    scale = LiSSA(LiSSAConfig(damping=args.damping, batch_size=1, seed=0)).fit(setup.hessian()).scale
     configs = {
         "original": (args.original_batch, args.original_depth, 1, 0.0),
         "fast": (1, args.fast_depth, args.fast_repeats, 0.0),
         "tuned": (1, args.tuned_depth, args.tuned_repeats, args.tuned_tail),
     }
-    solvers = {name: _lissa(hessian, args.damping, scale, *c) for name, c in configs.items()}
     score_config = ScoreConfig(method="jvp")
+    facades = {name: setup.facade(_lissa(args.damping, scale, *c), score_config) for name, c in configs.items()}
 
     # numerics: every configuration on all test points at once (chains draw the same batches per row)
-    vectors = dataset_grads(setup.adapter, flat, setup.test_subset(tests))
-    s_tests = {name: solver.solve(vectors).x for name, solver in solvers.items()}
-    original_scores = score_matrix(setup.adapter, flat, s_tests["original"], setup.train, None, ScoreConfig("grad"))
-    test_features = compute_features(setup.adapter, setup.test_subset(tests), 512)
-    neighbours = index.search(test_features, max(args.ks))[1]
+    test_points = setup.test_subset(tests)
+    s_tests = {name: facade.solve(test_points).x for name, facade in facades.items()}
+    original_scores = setup.facade(score=ScoreConfig("grad")).score_s_test(s_tests["original"])
+    neighbours = facades["fast"].nearest(test_points, max(args.ks)).numpy()
 
     agreement = []
     for name in ("fast", "tuned"):
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
             rows = []
             for i in range(len(tests)):
                 candidates = neighbours[i, :k].tolist()
-                fast = score_matrix(setup.adapter, flat, s_tests[name][i : i + 1], setup.train, candidates)
+                fast = facades[name].score_s_test(s_tests[name][i : i + 1], candidates)
                 rows.append(score_correlation(fast[0], original_scores[i, candidates]))
             agreement.append(
                 {
@@ -154,54 +158,40 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
                 }
             )
 
-    # timing: one test point at a time, methods interleaved
-    runner = None
-    if args.workers > 1:
-        from fastif.runner import Problem, Runner, RunnerConfig
-
-        runner_config = RunnerConfig(backend="processes", workers=args.workers, threads=1)
-        runner, runner_start = timed(
-            lambda: Runner(lambda _d: Problem(setup.adapter, setup.train, 1024), runner_config)
-        )
+    # timing: one test point at a time, methods interleaved, each a call of the facade's one path
     timings: dict[str, list[float]] = {}
     checks: list[float] = []
 
     def add(key: str, seconds: float) -> None:
         timings.setdefault(key, []).append(seconds)
 
-    try:
+    def timed_path(name: str, facade: Any, test: Any, k: int | None, reference: torch.Tensor) -> None:
+        """One ``candidate_scores`` call: its total and stage times, and its s_test against the batched one."""
+        result = facade.candidate_scores(test, k)
+        label = name if k is None else f"{name}_k{k}"
+        add(label, sum(result.timings.values()))
+        add(f"{name}_s_test", result.timings["s_test"])  # the test gradient and the solve
+        add(f"{name}_scoring" if k is None else f"knn_k{k}", result.timings["scores" if k is None else "candidates"])
+        checks.append(float((result.solve.x[0] - reference).norm() / reference.norm()))
+
+    with contextlib.ExitStack() as stack:
+        parallel = None
+        if args.workers > 1:
+            from fastif.runner import RunnerConfig
+
+            runner_config = RunnerConfig(backend="processes", workers=args.workers, threads=1)
+            parallel_facade = setup.facade(_lissa(args.damping, scale, *configs["fast"]), score_config)
+            parallel, runner_start = timed(lambda: stack.enter_context(parallel_facade.parallel(runner_config)))
         for i in range(min(args.timed, len(tests))):
             test = setup.test_subset(tests[i : i + 1])
-            vector, t_grad = timed(lambda t=test: dataset_grads(setup.adapter, flat, t))
-            s_orig, t_orig = timed(lambda v=vector: solvers["original"].solve(v).x)
-            _, t_all = timed(lambda s=s_orig: score_matrix(setup.adapter, flat, s, setup.train, None, score_config))
-            add("original", t_grad + t_orig + t_all)
-            add("original_s_test", t_orig)
-            add("original_scoring", t_all)
-            checks.append(float((s_orig[0] - s_tests["original"][i]).norm() / s_tests["original"][i].norm()))
-            for k in args.ks:
-                _, t_knn = timed(lambda t=test, k=k: index.search(compute_features(setup.adapter, t, 512), k)[1][0])
-                add(f"knn_k{k}", t_knn)
+            timed_path("original", facades["original"], test, None, s_tests["original"][i])
             for name in ("fast", "tuned"):
-                s_fast, t_fast = timed(lambda v=vector, nm=name: solvers[nm].solve(v).x)
-                add(f"{name}_s_test", t_fast)
                 for k in args.ks:
-                    cands = neighbours[i, :k].tolist()
-                    _, t_sc = timed(lambda s=s_fast, c=cands: score_matrix(setup.adapter, flat, s, setup.train, c))
-                    add(f"{name}_k{k}", t_grad + timings[f"knn_k{k}"][-1] + t_fast + t_sc)
-            if runner is not None:
-                cfg = solvers["fast"].config
-                s_par, t_par = timed(lambda v=vector, c=cfg: runner.solve(c, v).x)
-                checks.append(float((s_par[0] - s_tests["fast"][i]).norm() / s_tests["fast"][i].norm()))
-                add("parallel_s_test", t_par)
+                    timed_path(name, facades[name], test, k, s_tests[name][i])
+            if parallel is not None:
                 for k in args.ks:
-                    cands = neighbours[i, :k].tolist()
-                    _, t_sc = timed(lambda s=s_par, c=cands: runner.scores(s, c, score=score_config))
-                    add(f"parallel_k{k}", t_grad + timings[f"knn_k{k}"][-1] + t_par + t_sc)
+                    timed_path("parallel", parallel, test, k, s_tests["fast"][i])
             print({key: round(v[-1], 2) for key, v in timings.items()}, flush=True)
-    finally:
-        if runner is not None:
-            runner.close()
 
     mean = {key: statistics.fmean(v) for key, v in timings.items()}
     methods = [m for m in ("fast", "tuned", "parallel") if f"{m}_k{args.ks[0]}" in mean]
@@ -240,10 +230,9 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
         "lissa_scale": scale,
         "configs": {name: dict(zip(("B", "J", "R", "tail_average"), c, strict=True)) for name, c in configs.items()},
         "one_off_seconds": {
-            "train_features": index_seconds,
-            "index_build": build_seconds,
-            "hidden_state_cache_train": setup.info.get("cache_seconds_train"),
-            **({"runner_start": runner_start} if runner is not None else {}),
+            "index_build": setup.info["index_build_seconds"],
+            "frozen_pass_train": setup.info.get("cache_seconds_train"),  # activations + features: one pass
+            **({"runner_start": runner_start} if parallel is not None else {}),
         },
         "timings_per_test_point": timings,
         "mean_seconds_per_test_point": mean,

@@ -32,8 +32,7 @@ import torch
 
 from fastif.errors import SolverError
 from fastif.evaluation import score_correlation
-from fastif.grads import dataset_grads
-from fastif.scores import ScoreConfig, score_matrix
+from fastif.scores import ScoreConfig
 from fastif.solvers import CG, LiSSA, LiSSAConfig
 
 try:
@@ -101,9 +100,10 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     env = environment()
     setup = setup or load_setup(args.n_train)
-    flat = setup.adapter.flat_params()
     tests, correct = pick_test_points(setup, args.correct, args.wrong, args.seed)
-    vectors = dataset_grads(setup.adapter, flat, setup.test_subset(tests))
+    test_points = setup.test_subset(tests)
+    scoring = setup.facade(score=ScoreConfig(method="grad"))
+    vectors = scoring.test_grads(test_points)
     hessian = setup.hessian()
     dampings = sorted(set(args.dampings) | {args.check_damping})
 
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
         exact[damping]["positive_definite"] = [
             p and damping + spectrum["min"] > 0 for p in exact[damping]["positive_definite"]
         ]
-    cg = CG(damping=args.check_damping, tolerance=1e-6, max_iterations=args.lanczos).fit(hessian)
-    cg_result, cg_seconds = timed(lambda: cg.solve(vectors))
+    cg = setup.facade(CG(damping=args.check_damping, tolerance=1e-6, max_iterations=args.lanczos))
+    cg_result, cg_seconds = timed(lambda: cg.solve(test_points))
     reference = exact[args.check_damping]["x"]
     cg_check = float(((cg_result.x - reference).norm(dim=1) / reference.norm(dim=1)).max())
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     for damping in sorted(set(args.lissa_dampings) & set(dampings)):
         solver = LiSSA(LiSSAConfig(damping=damping, depth=args.lissa_depth, batch_size=1, seed=args.seed))
         try:
-            (result, seconds) = timed(lambda s=solver: s.fit(hessian).solve(vectors))
+            (result, seconds) = timed(lambda s=solver: setup.facade(s).solve(test_points))
         except SolverError as error:
             lissa_info[damping] = {"diverged": str(error)}
             continue
@@ -141,13 +141,11 @@ def run(args: argparse.Namespace, setup: Any = None) -> dict[str, Any]:
     original_config = LiSSAConfig.from_fastif(
         5e-3, 1e4, depth=args.original_depth, batch_size=args.original_batch, seed=args.seed
     )
-    original, original_seconds = timed(lambda: LiSSA(original_config).fit(hessian).solve(vectors).x)
+    original, original_seconds = timed(lambda: setup.facade(LiSSA(original_config)).solve(test_points).x)
 
     keys = [("exact", d) for d in dampings] + [("lissa", d) for d in lissa] + [("identity", 0.0), ("original", 50.0)]
     stack = torch.cat([exact[d]["x"] for d in dampings] + [lissa[d] for d in lissa] + [vectors, original])
-    all_scores, score_seconds = timed(
-        lambda: score_matrix(setup.adapter, flat, stack, setup.train, None, ScoreConfig(method="grad"))
-    )
+    all_scores, score_seconds = timed(lambda: scoring.score_s_test(stack))
     k = len(tests)
     scores = {key: all_scores[i * k : (i + 1) * k] for i, key in enumerate(keys)}
 

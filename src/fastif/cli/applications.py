@@ -18,7 +18,7 @@ from typing import Any
 from ..applications.simulatability import SimulatabilityConfig, format_headline, write_simulatability
 from ..applications.simulatability.config import RESULTS_FILE as SIMULATABILITY_FILE
 from ..errors import DataError
-from ..files import check_fresh, check_writable
+from ..files import cache_dir, check_fresh, check_writable
 from .options import _positive, _positive_number, _seed
 
 RESULTS_ROOT = Path("fastif-results")
@@ -79,7 +79,10 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="encodings cache (default ~/.cache/fastif/experiments)"
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="frozen-bottom activations cache (default $FASTIF_CACHE/experiments)",
     )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen bottom's encodings")
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
@@ -109,7 +112,6 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     """Run the experiment, print its table, and write results, config, table and plot to ``--output``."""
     import torch
 
-    from ..applications.finetune.head import experiments_cache_dir
     from ..applications.finetune.summary import RESULTS_FILE, markdown_table, write_results
     from ..recipes.nli import apps
 
@@ -118,13 +120,13 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     output = args.output or RESULTS_ROOT / f"{config.experiment}_{config.task}"
     command = "fastif " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else None
-    cache_dir = None if args.no_cache else args.cache_dir or experiments_cache_dir()
+    cache = None if args.no_cache else args.cache_dir or cache_dir("experiments")
     check_writable(output)
     check_fresh(output, RESULTS_FILE, args.overwrite)
-    if cache_dir is not None:
-        check_writable(cache_dir, "--cache-dir", "pass a writable --cache-dir, or --no-cache")
+    if cache is not None:
+        check_writable(cache, "--cache-dir", "pass a writable --cache-dir, or --no-cache")
     factory = getattr(args, "factory", None)  # tests inject a small model here
-    results = apps.run_nli_experiment(config, factory=factory, progress=_progress, cache_dir=cache_dir)
+    results = apps.run_nli_experiment(config, factory=factory, progress=_progress, cache_dir=cache)
     write_results(results, config, output, command)
     print(markdown_table(results, command))
     print(f"wrote {output}")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import progress
 from ..data import Batch, Dataset, index_chunks, length_order
+from ..data.views import Subset
 from ..errors import DataError, ModelError
 from .adapter import ModelAdapter
 
@@ -162,7 +163,7 @@ def find_split(adapter: ModelAdapter, mode: FrozenMode = "auto") -> Split | None
     """The split of ``adapter``'s model below its lowest selected layer, or None where the frozen path cannot help."""
     if mode not in ("auto", "on", "off"):
         raise ModelError(f"frozen must be 'auto', 'on' or 'off', got {mode!r}")
-    if mode == "off":
+    if mode == "off" or isinstance(adapter, FrozenAdapter):  # a FrozenAdapter already runs on the cached bottom
         return None
     model = adapter.model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -312,6 +313,16 @@ class ActivationData:
         """The base dataset's content fingerprint, where it has one (the activations follow from it and the model)."""
         method = getattr(self.base, "fingerprint", None)
         return str(method()) if callable(method) else None
+
+    def subset(self, indices: Sequence[int]) -> ActivationData:
+        """Examples ``indices`` (in that order) with their activations, sharing the storage (no copy)."""
+        index = [int(i) for i in indices]
+        if not index or min(index) < 0 or max(index) >= len(self):
+            raise DataError(f"a subset needs indices in [0, {len(self) - 1}], got {index[:10]}")
+        subset = getattr(self.base, "subset", None)
+        base = subset(index) if callable(subset) else Subset(self.base, index)
+        offsets, sizes = [self.offsets[i] for i in index], [self.sizes[i] for i in index]
+        return ActivationData(base, self.states, offsets, sizes, self.first_token_only)
 
     def _state(self, i: int) -> Tensor:
         rows = self.states[self.offsets[i] : self.offsets[i] + self.sizes[i]]

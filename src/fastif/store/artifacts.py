@@ -21,11 +21,12 @@ from ..model.frozen import ActivationData, Encoded, Split
 from .store import Store
 
 
-def index_cache_folder(identity: Mapping[str, Any]) -> Path:
-    """The folder under the cache root for artefacts that depend only on ``identity`` (JSON-able fingerprints of
-    model and data, and settings), so every command that needs them finds the same folder."""
+def index_cache_folder(identity: Mapping[str, Any], root: str | os.PathLike[str] | None = None) -> Path:
+    """The folder under ``root`` (default: the cache root's ``indexes``) for artefacts that depend only on
+    ``identity`` (JSON-able fingerprints of model and data, and settings), so every command that needs them finds
+    the same folder."""
     text = json.dumps(identity, sort_keys=True, default=str)
-    return cache_dir("indexes") / hashlib.sha256(text.encode()).hexdigest()[:24]
+    return (cache_dir("indexes") if root is None else Path(root)) / hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cached_candidate_index(

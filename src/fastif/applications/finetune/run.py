@@ -7,9 +7,12 @@ times: draw anchors of the group; take the ``candidates`` pool points nearest to
 
 Design choices (see docs/experiments.md): the kNN index and the anchor queries use the *original* model's
 features (one index per run, as FastIF built one per model); s_test is recomputed at the current parameters every
-step; the inputs of the trainable top layers are cached once (:mod:`fastif.applications.finetune.head`), which is
-exact because everything below them is frozen. The records (pool, anchors, test points, the model's training data)
-come from a :class:`FinetuneTask` that a recipe provides (the NLI recipe's HANS / ANLI tasks).
+step; the inputs of the trainable top layers are cached once by the core frozen-bottom path
+(:mod:`fastif.model.frozen`, kept in a :class:`~fastif.store.Store` under the cache folder), which is exact because
+everything below them is frozen: every loss, gradient, HVP, SGD step and evaluation runs on the
+:class:`~fastif.model.frozen.FrozenAdapter`, whose parameters are the model's own. The records (pool, anchors,
+test points, the model's training data) come from a :class:`FinetuneTask` that a recipe provides (the NLI
+recipe's HANS / ANLI tasks).
 """
 
 from __future__ import annotations
@@ -26,17 +29,22 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from ...candidates import CandidateConfig, CandidateIndex, compute_features
+from ...candidates import CandidateConfig, CandidateIndex
 from ...config import config_to_dict
+from ...data import Batch, index_chunks, length_order
 from ...data.text import TextPairData, TextRecord
 from ...errors import DataError, SolverError
+from ...fingerprint import fingerprint_parameters
 from ...hvp import Hessian
 from ...influence import Influence, TopK
-from ...model.adapter import TorchAdapter
+from ...model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapter
+from ...model.frozen import ActivationData, Encoded, FrozenAdapter, Split, encode_prefix, find_split
+from ...model.hf import L2_EXCLUDE, top_layer_parameters
 from ...solvers import LiSSA, LiSSAConfig
+from ...store import Store
+from ...store.artifacts import cached_encoding, index_cache_folder
 from ...telemetry import environment
 from .config import FinetuneConfig
-from .head import HiddenStateData, TopLayers, cached_encode, model_fingerprint, top_layers_adapter
 
 ModelFactory = Callable[[int], tuple[nn.Module, Any, dict[str, Any]]]
 """``factory(num_labels) -> (model, tokenizer, info)``: the classifier to correct, its tokenizer, and metadata."""
@@ -82,19 +90,19 @@ class FinetuneTask(Protocol):
 
 @dataclass
 class Setup:
-    """Everything the runs share, built once: the model's top, cached data, the kNN index, the fixed LiSSA scale."""
+    """Everything the runs share, built once: the adapter on the cached bottom, cached data, the kNN index over the
+    original model's features, the fixed LiSSA scale."""
 
     config: FinetuneConfig
-    top: TopLayers
-    adapter: TorchAdapter
+    adapter: FrozenAdapter
     original: Tensor
-    hessian_data: HiddenStateData
-    pool: HiddenStateData
+    hessian_data: ActivationData
+    pool: ActivationData
     pool_records: list[TextRecord]
-    anchors: dict[str, HiddenStateData]
+    anchors: dict[str, ActivationData]
     anchor_records: dict[str, list[TextRecord]]
     anchor_features: dict[str, Tensor]
-    test: dict[str, list[tuple[tuple[Tensor, Tensor], Tensor]]]
+    test: dict[str, list[Batch]]
     index: CandidateIndex
     lissa: LiSSAConfig
     info: dict[str, Any]
@@ -103,20 +111,41 @@ class Setup:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _encoder(
-    model: nn.Module, tokenizer: Any, config: FinetuneConfig, names: tuple[str, ...], top: TopLayers, cache_dir: Any
-):
-    """A function that tokenises records and caches the inputs of the trainable top (on disk if ``cache_dir``)."""
-    key = model_fingerprint(model) if cache_dir is not None else ""
+def trainable_adapter(model: nn.Module, config: FinetuneConfig) -> HFClassifierAdapter:
+    """The model's adapter over what the experiment trains and takes influence over: the top ``trainable_layers``
+    encoder layers, the pooler and the classifier; L2 on their weights (the one L2 rule, :data:`L2_EXCLUDE`)."""
+    include = top_layer_parameters(model, config.trainable_layers)
+    return HFClassifierAdapter(model, AdapterConfig(include=include, l2=config.l2, l2_exclude=L2_EXCLUDE))
 
-    def encode(records: Sequence[TextRecord]) -> HiddenStateData:
+
+Encoder = Callable[[Sequence[TextRecord]], Encoded]
+
+
+def encoder(
+    adapter: ModelAdapter,
+    split: Split,
+    tokenizer: Any,
+    config: FinetuneConfig,
+    names: tuple[str, ...],
+    cache_dir: str | os.PathLike[str] | None,
+) -> Encoder:
+    """A function that tokenises records and runs the frozen bottom once over them (:func:`encode_prefix`); with
+    ``cache_dir``, the activations and features are kept in a :class:`Store` there, one folder per model and data."""
+    model_key = fingerprint_parameters(dict(adapter.model.state_dict())) if cache_dir is not None else ""
+
+    def encode(records: Sequence[TextRecord]) -> Encoded:
         data = TextPairData(list(records), tokenizer, config.max_length, names)
-        return cached_encode(model, data, top.first, top.cls_only, cache_dir, key)
+        compute = lambda: encode_prefix(adapter, data, split)  # noqa: E731
+        if cache_dir is None:
+            return compute()
+        identity = {"model_fingerprint": model_key, "data_fingerprint": data.fingerprint(), "config": {}}
+        with Store.open(index_cache_folder(identity, cache_dir), **identity) as store:
+            return cached_encoding(store, split, data, compute)
 
     return encode
 
 
-def _fixed_scale(adapter: TorchAdapter, hessian_data: HiddenStateData, lissa: LiSSAConfig) -> LiSSAConfig:
+def _fixed_scale(adapter: ModelAdapter, hessian_data: ActivationData, lissa: LiSSAConfig) -> LiSSAConfig:
     """Pick LiSSA's contraction-safe scale once, on the original model, and fix it for every later step."""
     if lissa.scale is not None:
         return lissa
@@ -124,44 +153,59 @@ def _fixed_scale(adapter: TorchAdapter, hessian_data: HiddenStateData, lissa: Li
     return replace(lissa, scale=float(solver.scale))
 
 
+def _hessian_and_pool(
+    config: FinetuneConfig, encode: Encoder, training: Sequence[TextRecord], pool_records: list[TextRecord]
+) -> tuple[ActivationData, Encoded]:
+    """The Hessian's data and the encoded pool (with its kNN features); for ``correct`` the pool is the model's
+    training data, so one pass serves both."""
+    if config.experiment != "correct":
+        return encode(training[: config.hessian_size]).data, encode(pool_records)
+    encoded = encode(training[: max(config.hessian_size, len(pool_records))])
+    pool = Encoded(
+        encoded.data.subset(range(len(pool_records))),
+        encoded.features[: len(pool_records)],
+        encoded.layer_returns_tuple,
+    )
+    return encoded.data.subset(range(config.hessian_size)), pool
+
+
 def prepare(
     config: FinetuneConfig, factory: ModelFactory, task: FinetuneTask, progress: Progress, cache_dir: Any = None
 ) -> Setup:
-    """Load the model and data, split them, cache the top's inputs, build the kNN index, fix LiSSA's scale."""
+    """Load the model and data, split them, cache the bottom's output once (the core frozen path), build the kNN
+    index over the pool's features from that same pass, fix LiSSA's scale."""
     start = time.perf_counter()
     model, tokenizer, model_info = factory(task.num_labels(config))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    top = TopLayers(model, config.trainable_layers)
-    adapter = top_layers_adapter(top, config.l2)
-    encode = _encoder(model, tokenizer, config, task.label_names(config), top, cache_dir)
+    full = trainable_adapter(model, config)
+    frozen_split = find_split(full, "on")
+    assert frozen_split is not None  # "on" raises where the model cannot be split
+    encode = encoder(full, frozen_split, tokenizer, config, task.label_names(config), cache_dir)
     split = task.split(config)
     training = task.training_records(config)
     pool_records = task.pool_records(config, split)
     progress(f"encoding (pool {len(pool_records)}, Hessian {config.hessian_size}, test {split.sizes()['test']})")
-    if config.experiment == "correct":  # the pool is the model's training data: encode it once
-        encoded = encode(training[: max(config.hessian_size, len(pool_records))])
-        hessian_data, pool = encoded.subset(range(config.hessian_size)), encoded.subset(range(len(pool_records)))
-    else:
-        hessian_data, pool = encode(training[: config.hessian_size]), encode(pool_records)
+    hessian_data, pool = _hessian_and_pool(config, encode, training, pool_records)
     anchors = {group: encode(split.anchors[group]) for group in config.groups}
-    test = {group: collate(encode(split.test[group])) for group in config.groups}
+    test = {group: collate(encode(split.test[group]).data) for group in config.groups}
+    adapter = FrozenAdapter(full, frozen_split, pool.layer_returns_tuple)
     progress("building the kNN index over the pool's features; fixing LiSSA's scale")
-    index = CandidateIndex.build(compute_features(adapter, pool), CandidateConfig())
-    anchor_features = {group: compute_features(adapter, data) for group, data in anchors.items()}
+    index = CandidateIndex.build(pool.features, CandidateConfig())
     lissa = _fixed_scale(adapter, hessian_data, config.lissa)
     info = {
         "model": model_info,
         "split_sizes": {**split.sizes(), "pool": {"all": len(pool_records)}},
-        "trainable_modules": list(top.module_names),
+        "trainable_modules": list(full.config.include),
         "influence_parameters": adapter.num_params,
         "setup_seconds": time.perf_counter() - start,
         "lissa_scale": lissa.scale,
     }
     return Setup(
-        config, top, adapter, adapter.flat_params(), hessian_data, pool, pool_records, anchors,
-        {g: split.anchors[g] for g in config.groups}, anchor_features, test, index, lissa, info,
+        config, adapter, adapter.flat_params(), hessian_data, pool.data, pool_records,
+        {group: item.data for group, item in anchors.items()}, {g: split.anchors[g] for g in config.groups},
+        {group: item.features for group, item in anchors.items()}, test, index, lissa, info,
     )  # fmt: skip
 
 
@@ -183,32 +227,33 @@ def anchor_schedule(size: int, anchors: int, steps: int, seed: int, group_index:
     return schedule
 
 
-def collate(data: HiddenStateData, batch_size: int = 256) -> list[tuple[tuple[Tensor, Tensor], Tensor]]:
+def collate(data: ActivationData, batch_size: int = 256) -> list[Batch]:
     """``data`` as a list of padded batches, sorted by length (built once, evaluated after every step)."""
-    order = sorted(range(len(data)), key=lambda i: data.states[i].shape[0])
-    return [data.batch(order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
+    return [data.batch(chunk) for chunk in index_chunks(length_order(data, range(len(data))), batch_size)]
 
 
-def evaluate(model: nn.Module, batches: Sequence[tuple[tuple[Tensor, Tensor], Tensor]]) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the current top layers on pre-collated batches."""
+def evaluate(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the model at its current parameters on pre-collated batches."""
+    flat = adapter.flat_params()
     with torch.no_grad():
-        logits = torch.cat([model(*inputs) for inputs, _ in batches])
-    labels = torch.cat([labels for _, labels in batches])
+        logits = torch.cat([adapter.outputs(flat, batch) for batch in batches])
+    labels = torch.cat([adapter.raw_batch(batch)["labels"] for batch in batches])
     return {
         "accuracy": float((logits.argmax(-1) == labels).float().mean()),
         "loss": float(nn.functional.cross_entropy(logits, labels)),
     }
 
 
-def mean_loss(adapter: TorchAdapter, data: HiddenStateData, flat: Tensor | None = None) -> float:
+def mean_loss(adapter: ModelAdapter, data: ActivationData, flat: Tensor | None = None) -> float:
     """Mean cross-entropy of ``data`` (a handful of points) at ``flat`` (default: the current parameters)."""
     flat = adapter.flat_params() if flat is None else flat
     with torch.no_grad():
         return float(adapter.per_example_loss(flat, data.batch(range(len(data)))).mean())
 
 
-def sgd_step(adapter: TorchAdapter, data: HiddenStateData, lr: float) -> None:
-    """One plain SGD step (no momentum, no L2) on the mean cross-entropy of ``data``, written into the model."""
+def sgd_step(adapter: ModelAdapter, data: ActivationData, lr: float) -> None:
+    """One plain SGD step (no momentum, no L2) on the mean cross-entropy of ``data``, written into the model's own
+    parameters through the adapter's flat vector."""
     flat = adapter.flat_params()
     batch = data.batch(range(len(data)))
     gradient = grad(lambda theta: adapter.per_example_loss(theta, batch).mean())(flat)
@@ -219,7 +264,7 @@ DAMPING_RETRIES = 6
 """How often :func:`damped_s_test` doubles the damping after LiSSA diverges before giving up."""
 
 
-def influence_top(setup: Setup, anchors: HiddenStateData, lissa_seed: int) -> tuple[TopK, dict[str, Any]]:
+def influence_top(setup: Setup, anchors: ActivationData, lissa_seed: int) -> tuple[TopK, dict[str, Any]]:
     """FastIF's steps 2-3 at the current parameters, through the facade's one path: the anchors' mean-loss s_test
     (Hessian over the training sample), its ``candidates`` nearest pool points (kNN on the anchors' mean feature),
     their exact scores, and the top ``selected`` of each sign.
@@ -245,7 +290,7 @@ def influence_top(setup: Setup, anchors: HiddenStateData, lissa_seed: int) -> tu
     raise SolverError("unreachable: the last attempt returns or raises")
 
 
-def choose(setup: Setup, mode: str, anchors: HiddenStateData, neighbours: np.ndarray, seeds: tuple[int, int]):
+def choose(setup: Setup, mode: str, anchors: ActivationData, neighbours: np.ndarray, seeds: tuple[int, int]):
     """The points of one SGD step, their pool indices (None for the anchors) and their scores (if any)."""
     config = setup.config
     if mode == "anchors":
@@ -275,7 +320,7 @@ def _solve_summary(info: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_all(setup: Setup) -> dict[str, dict[str, float]]:
     """Accuracy and loss on every group's test sample at the current parameters."""
-    return {group: evaluate(setup.top, batches) for group, batches in setup.test.items()}
+    return {group: evaluate(setup.adapter, batches) for group, batches in setup.test.items()}
 
 
 def run_one(setup: Setup, group: str, mode: str, seed: int) -> dict[str, Any]:
@@ -298,7 +343,7 @@ def run_one(setup: Setup, group: str, mode: str, seed: int) -> dict[str, Any]:
                     "step": step + 1,
                     "anchor_ids": [setup.anchor_records[group][i].id for i in anchor_indices],
                     "selected_ids": None if chosen is None else [setup.pool_records[i].id for i in chosen],
-                    "selected_labels": [int(label) for label in data.labels],
+                    "selected_labels": [int(label) for label in data.base.labels],
                     "scores": scores,
                     "solver": solve,
                     "anchor_loss_before": loss_before,
