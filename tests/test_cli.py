@@ -581,3 +581,12 @@ def test_progress_bars_show_each_long_stage_unless_hidden(tiny, tmp_path, capsys
     assert all(name in bars for name in ("frozen-bottom pass", "s_test: LiSSA chain 0", "scores"))
     assert run(["influence", *argv, "--test-indices", "0", "--output", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "s_test" not in capsys.readouterr().err
+
+
+def test_an_unsettled_s_test_is_one_note_on_stderr_not_repeated_on_stdout(tiny, tmp_path, capsys):
+    argv = [*tiny_args(tiny, tmp_path / "out"), "--test-indices", "0", "--depth", "4", "--workers", "1"]
+    assert run(["influence", *argv]) == 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "did not settle" in line]
+    assert len(notes) == 1 and notes[0].startswith("fastif: note: s_test (lissa) did not settle")
+    assert "not settled: raise --depth" in out and "note: LiSSA" not in out

@@ -73,6 +73,8 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
             line += f"; ‖h‖ grew {max(growth):+.1%} from the third to the last quarter of the chains"
         line += "; settled" if s_test.get("converged") else "; not settled: raise --depth (or --damping)"
         line += " (norm traces in influence.json)"
+    if s_test.get("converged") is False:  # the pipeline's one "did not settle" note on stderr already quoted them
+        return line
     return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
 
 
