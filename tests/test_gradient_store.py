@@ -4,6 +4,10 @@ one-line errors for another model, another dimension or a corrupted shard."""
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +166,43 @@ def test_a_corrupted_shard_is_named(tmp_path):
     with pytest.raises(StoreError, match=r"grads-00003\.npy is corrupt") as error:
         GradientStore.open(tmp_path / "s", adapter, data)
     assert "delete it to recompute" in _one_line(error.value)
+
+
+KILLED_BUILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_gradient_store import CONFIG, problem
+from fastif.gradient_store import build_store
+
+adapter, data = problem()
+state = {{"armed": False}}
+loss = adapter.per_example_loss
+
+def dying_loss(flat, batch):  # SIGKILL while shard 3 is being computed: no finally, no atexit, no flush
+    if state["armed"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss(flat, batch)
+
+def arm(done):
+    state["armed"] = state["armed"] or done.index == 2
+
+adapter.per_example_loss = dying_loss
+build_store(adapter, data, {folder!r}, CONFIG, on_shard=arm)
+"""
+
+
+def test_a_build_killed_with_sigkill_resumes_to_the_same_store(tmp_path):
+    """A real ``kill -9`` in the middle of a shard: the finished shards survive, the lock dies with the process,
+    and the next build computes only the missing shards and equals an uninterrupted build byte for byte."""
+    adapter, data = problem()
+    build_store(adapter, data, tmp_path / "whole", CONFIG)
+    script = KILLED_BUILD.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "killed"))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert sorted(_hashes(tmp_path / "killed")) == ["grads-00000.npy", "grads-00001.npy", "grads-00002.npy"]
+    report = build_store(adapter, data, tmp_path / "killed", CONFIG)
+    assert (report.reused, report.computed) == ([0, 1, 2], [3, 4])
+    assert {name: sha for name, (sha, _) in _hashes(tmp_path / "killed").items()} == {
+        name: sha for name, (sha, _) in _hashes(tmp_path / "whole").items()
+    }
+    assert not [path for path in (tmp_path / "killed").rglob("*") if path.name.endswith(".tmp")]
