@@ -46,9 +46,11 @@ def tiny_lm(kind: str, tied: bool = True) -> transformers.PreTrainedModel:
     if kind == "gpt2":
         config = transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=32, **common)
     else:
-        config = transformers.LlamaConfig(
+        config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}.get(kind)
+        extra = {"sliding_window": 3} if kind == "mistral" else {}  # shorter than the documents, so it matters
+        config = (config_class or transformers.MistralConfig)(
             hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=16, max_position_embeddings=32, **common,
+            intermediate_size=16, max_position_embeddings=32, **common, **extra,
         )  # fmt: skip
     config._attn_implementation = "eager"
     return transformers.AutoModelForCausalLM.from_config(config).double().eval()
@@ -117,10 +119,10 @@ def test_losses_and_gradients_equal_the_models_own_in_a_loop(kind: str, tied: bo
         torch.testing.assert_close(grads[row], expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
 def test_logits_equal_the_models_own_forward_with_right_and_left_padding(kind: str) -> None:
-    """The causal mask is kept: padded rows give the unpadded logits, on the right and (shifted positions) on the
-    left, which the model's own float64 Llama forward turns into NaN."""
+    """The causal mask is kept (Mistral's sliding window too): padded rows give the unpadded logits, on the right and
+    (shifted positions) on the left, which the model's own float64 Llama forward turns into NaN."""
     model = tiny_lm(kind)
     adapter = HFCausalLMAdapter(model)
     assert adapter.mask_mode == "built"
@@ -236,10 +238,12 @@ def test_exact_and_cg_equal_a_dense_float64_solve(solver: str) -> None:
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("trainable", [1, 2])
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    ("kind", "trainable"), [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2), ("qwen2", 1), ("mistral", 2)]
+)
 def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
-    """Top decoder layers + final norm + LM head on cached activations give the full model's numbers."""
+    """Top decoder layers + final norm + LM head on cached activations give the full model's numbers (Qwen2 and
+    Mistral, with a sliding window shorter than the documents, are registered on this test)."""
     model = tiny_lm(kind)
     adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_names(model, trainable), l2=0.1))
     split = find_split(adapter, "on")
@@ -254,6 +258,19 @@ def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
     torch.testing.assert_close(full_on.scores, full_off.scores, rtol=1e-8, atol=1e-12)
     assert torch.equal(knn_on.indices, knn_off.indices)
     torch.testing.assert_close(knn_on.scores, knn_off.scores, rtol=1e-8, atol=1e-12)
+
+
+def test_the_frozen_path_refuses_left_padding() -> None:
+    """The cache keeps each document's first positions, so a left-padded batch is refused, not silently wrong."""
+
+    class LeftPadded(TokenDocs):
+        def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+            return {key: value.flip(-1) for key, value in super().batch(indices).items()}
+
+    model = tiny_lm("llama")
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_names(model, 1)))
+    with pytest.raises(DataError, match="right-padded"):
+        Influence(adapter, LeftPadded(6, 13), CG(damping=100.0), frozen="on").candidate_scores(TokenDocs(1, 14))
 
 
 def test_a_selected_tied_embedding_disables_the_split() -> None:

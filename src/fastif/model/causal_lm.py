@@ -55,6 +55,13 @@ class HFCausalLMAdapter(HFAdapter):
     def _compared(self, logits: Tensor, probe: dict[str, Tensor]) -> Tensor:
         return logits[probe["attention_mask"].bool()]  # padded positions carry no loss and may differ
 
+    def _own_logits(self, probe: dict[str, Tensor]) -> Tensor:
+        """The model's own logits on each probe row without its padding (a float64 forward over right padding can
+        give NaN where a sliding window leaves a padded query no key, and NaN values then leak through attention)."""
+        lengths = probe["attention_mask"].sum(dim=1).tolist()
+        ids = probe["input_ids"]
+        return torch.cat([self.model(input_ids=ids[i : i + 1, :n]).logits[0] for i, n in enumerate(lengths)])
+
     def token_losses(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-token losses [B, T] of ``logits`` [B, T, V]: token t's weighted next-token cross-entropy (0 where
         the label is -100, and at t = 0); a row sums to the example's loss."""
@@ -109,7 +116,8 @@ class HFCausalLMAdapter(HFAdapter):
         captured: list[Tensor] = []
         handle = self.head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**inputs)
+            with self._masks_for_mode():  # the adapter's masks: finite where the model's own float64 ones give NaN
+                self.model(**inputs)
         finally:
             handle.remove()
         mask = inputs["attention_mask"].to(captured[0].dtype)[..., None]
