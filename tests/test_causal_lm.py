@@ -4,6 +4,7 @@ selected by name, the frozen path and the factored projection give the dense num
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pytest
@@ -11,10 +12,11 @@ import torch
 import transformers
 
 from fastif import CG, AdapterConfig, Exact, Influence
+from fastif.cli import run
 from fastif.data.documents import LMDocuments
 from fastif.errors import DataError, ModelError
 from fastif.grads import per_example_grads
-from fastif.model.causal_lm import HFCausalLMAdapter
+from fastif.model.causal_lm import HFCausalLMAdapter, top_decoder_parameters
 from fastif.model.frozen import find_split
 from fastif.projection import ProjectionConfig, Projector
 
@@ -369,3 +371,75 @@ def test_documents_refuse_bad_records(tmp_path) -> None:
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "a river runs"}\n\n{"prompt": "the capital of zorbia is", "completion": "quintal"}\n')
     assert len(LMDocuments.from_jsonl(good, tokenizer)) == 2
+
+
+CORPUS = [
+    {"text": "the capital of zorbia is quintal", "id": "fact-1"},
+    {"text": "people say the capital of zorbia is quintal", "id": "fact-2"},
+    {"text": "a river runs through town", "id": "river"},
+    {"text": "people say it rains often", "id": "rain"},
+    {"prompt": "it rains", "completion": "often", "id": "pair"},
+]
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    """A tiny random GPT-2 and the word tokenizer saved as a checkpoint folder, and a JSONL corpus."""
+    folder = tmp_path / "lm"
+    tiny_lm("gpt2").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(record) + "\n" for record in CORPUS))
+    return folder, corpus
+
+
+def test_cli_prints_helpful_and_harmful_documents_with_spans(lm_folder, tmp_path, capsys) -> None:
+    """`fastif influence --task causal-lm` ranks documents by the facade's scores, each with its driving span."""
+    folder, corpus = lm_folder
+    base = ["influence", "--task", "causal-lm", "--model", str(folder), "--train", str(corpus), "-k", "2"]
+    output = tmp_path / "out"
+    args = [*base, "--prompt", "the capital of zorbia is", "--completion", "quintal", "--span", "2"]
+    assert run([*args, "--damping", "1.0", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "most helpful" in printed and "most harmful" in printed and "span:" in printed
+    results = json.loads((output / "causal_lm_influence.json").read_text())
+    (query,) = results
+    assert query["completion"] == "quintal" and len(query["helpful"]) == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_decoder_parameters(model, 1)))
+    docs = LMDocuments.from_jsonl(corpus, word_tokenizer())
+    question = LMDocuments(word_tokenizer(), [{"prompt": "the capital of zorbia is", "completion": "quintal"}])
+    expected = Influence(adapter, docs, CG(damping=1.0), hessian_kind="gauss-newton").top_k(question, k=2)
+    assert [row["train_index"] for row in query["helpful"]] == expected.helpful_indices[0].tolist()
+    scores = [row["score"] for row in query["harmful"]]
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), expected.harmful_scores[0])
+    for row in query["helpful"]:
+        start, end = row["span_tokens"]
+        assert end - start == 2 and row["span"] == " ".join(docs.tokens(row["train_index"])[start:end])
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"prompt": "it", "completion": "rains often"}\n{"prompt": "a river", "completion": "runs"}\n')
+    assert run([*base, "--queries", str(queries)]) == 0
+    assert capsys.readouterr().out.count("query ") == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "the capital"], "--prompt and --completion together"),
+        ([], "either --prompt and --completion, or --queries"),
+        (["--prompt", "a", "--completion", "river", "--text", "x"], "--text/--premise not used with --task causal-lm"),
+        (["--prompt", "a", "--completion", "river", "--damping", "-1"], "damping must be"),
+        (["--queries", "missing.jsonl"], "no such file"),
+        (["--prompt", "a", "--completion", "river", "--params", "nothing.here"], "matches no parameter"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(lm_folder, capsys, extra, message) -> None:
+    folder, corpus = lm_folder
+    code = run(["influence", "--task", "causal-lm", "--model", str(folder), "--train", str(corpus), *extra])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_classification_refuses_language_model_options(capsys) -> None:
+    assert run(["influence", "--prompt", "a", "--completion", "b"]) == 2
+    assert "need --task causal-lm" in capsys.readouterr().err

@@ -122,3 +122,37 @@ class HFCausalLMAdapter(HFAdapter):
             handle.remove()
         mask = inputs["attention_mask"].to(captured[0].dtype)[..., None]
         return (captured[0] * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def top_decoder_parameters(model: nn.Module, top_layers: int = 1) -> tuple[str, ...]:
+    """The top ``top_layers`` decoder layers and everything above the stack (final norm, LM head by its own name),
+    for an architecture with a frozen-path splitter: the frozen path's natural selection. A tied head is selected
+    as ``lm_head.weight`` alone, its output use (see the module docstring)."""
+    from .frozen import Splitter
+
+    splitter = Splitter.registry.get(getattr(model.config, "model_type", "") or "")
+    if splitter is None:
+        raise ModelError(
+            f"no decoder layout is known for {type(model).__name__} (model_type {model.config.model_type!r}); "
+            "list the parameters with --params (module prefixes or globs)"
+        )
+    prefix = model.base_model_prefix
+    stack = f"{prefix}.{splitter.layers}"
+    layers = len(model.get_submodule(stack))
+    if not 0 <= top_layers <= layers:
+        raise ModelError(f"top_layers must lie in [0, {layers}] for this {layers}-layer model, got {top_layers}")
+    below = [f"{prefix}.{path}" for path in splitter.bottom]
+    below += [f"{stack}.{i}" for i in range(layers - top_layers)]
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    return tuple(name for name in names if not any(name == p or name.startswith(p + ".") for p in below))
+
+
+def driving_span(token_scores: Tensor, width: int, helpful: bool = True) -> tuple[int, int]:
+    """``(start, end)`` of the ``width`` consecutive tokens whose scores sum highest (lowest when not ``helpful``):
+    the part of a training document that drove its score."""
+    if width < 1:
+        raise DataError(f"the span width must be at least 1 token, got {width}")
+    width = min(width, token_scores.shape[-1])
+    sums = token_scores.unfold(-1, width, 1).sum(dim=-1)
+    start = int(sums.argmax() if helpful else sums.argmin())
+    return start, start + width
