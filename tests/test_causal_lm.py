@@ -19,6 +19,7 @@ from fastif.grads import per_example_grads
 from fastif.model.causal_lm import HFCausalLMAdapter, top_decoder_parameters
 from fastif.model.frozen import find_split
 from fastif.projection import ProjectionConfig, Projector
+from fastif.solvers import SOLVERS
 
 VOCAB, HIDDEN, LAYERS = 40, 8, 3
 WORDS = [
@@ -238,6 +239,26 @@ def test_exact_and_cg_equal_a_dense_float64_solve(solver: str) -> None:
     test_grads = per_example_grads(adapter, flat, test.batch(range(2)))
     expected = torch.linalg.solve(hessian, test_grads.T).T @ train_grads.T
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:LiSSA has not settled")
+def test_every_solver_runs_on_a_causal_lm() -> None:
+    """Each registered solver gives finite scores on the frozen path (top layer + tied head's output use, Gauss-Newton);
+    CG and PCG agree with Exact."""
+    model = tiny_lm("gpt2")
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=("transformer.h.2.mlp.c_proj", "lm_head")))
+    train, test = TokenDocs(8, 15), TokenDocs(1, 16)
+    scores = {}
+    for name, solver in sorted(SOLVERS.items()):
+        options = {"damping": 1.0} if name != "identity" else {}
+        if name == "lissa":
+            options.update(depth=50, batch_size=8, scale=20.0)  # a short fixed recursion: finite, not converged
+        influence = Influence(adapter, train, solver(**options), hessian_kind="gauss-newton")
+        assert influence.split is not None
+        scores[name] = influence.candidate_scores(test).scores
+        assert scores[name].shape == (1, 8) and bool(scores[name].isfinite().all())
+    for name in ("cg", "pcg"):
+        torch.testing.assert_close(scores[name], scores["exact"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize(
