@@ -571,7 +571,8 @@ class HFClassifierAdapter(HFAdapter):
         captured: list[Tensor] = []
         handle = self.feature_module.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**inputs)
+            with self._masks_for_mode():  # the adapter's masks: finite where a float64 sliding window gives NaN
+                self.model(**inputs)
         finally:
             handle.remove()
         feature = captured[0]
