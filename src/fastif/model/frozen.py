@@ -128,8 +128,9 @@ class GPT2Splitter(Splitter, model_types=("gpt2",)):
 
 class LlamaSplitter(Splitter, model_types=("llama", "mistral", "qwen2")):
     """Llama: ``embed_tokens`` then ``layers`` (rotary positions come from position ids); Mistral and Qwen2 share
-    the layout (frozen = unfrozen: tests/test_frozen.py for classifiers, tests/test_causal_lm.py for LMs). Sequence classifiers and causal
-    LMs alike: the stack is found under ``model.base_model_prefix`` (``transformer`` for GPT-2, ``model`` here)."""
+    the layout (frozen = unfrozen: tests/test_frozen.py for classifiers, tests/test_causal_lm.py for LMs). For
+    classifiers and causal LMs alike the stack is under ``model.base_model_prefix`` (``model``; GPT-2's
+    ``transformer``)."""
 
     entry, layers, bottom = "embed_tokens", "layers", ("embed_tokens",)
 
