@@ -1,6 +1,7 @@
 """fastif: fast influence functions. ``score = ∇L(test)ᵀ (H + damping·I)⁻¹ ∇L(train)``; positive = helpful."""
 
 from .data import Dataset, TensorData
+from .data.documents import LMDocuments
 from .errors import FastIFError
 from .hvp import Hessian
 from .influence import CandidateScores, Influence, TopK
@@ -12,6 +13,7 @@ from .model.adapter import (
     ParameterSelection,
     TorchAdapter,
 )
+from .model.causal_lm import HFCausalLMAdapter
 from .scores import ScoreConfig
 from .solvers import (
     CG,
@@ -45,12 +47,14 @@ __all__ = [
     "Exact",
     "ExactConfig",
     "FastIFError",
+    "HFCausalLMAdapter",
     "HFClassifierAdapter",
     "Hessian",
     "Identity",
     "IdentityConfig",
     "Influence",
     "KFACConfig",
+    "LMDocuments",
     "LiSSA",
     "LiSSAConfig",
     "MeasuredAdapter",

@@ -108,6 +108,23 @@ class ParameterSpace:
         return torch.cat(parts)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Each later name of a parameter the model holds under several names, mapped to its first name (what
+    ``named_parameters`` keeps): e.g. ``{"lm_head.weight": "transformer.wte.weight"}`` for GPT-2's tied LM head.
+
+    Adapters treat each name as one use of the tied tensor: selecting one name differentiates that use alone (the
+    other held at its value, as for an untied model); selecting both, or every parameter, the shared tensor.
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
 def use_eager_attention(model: nn.Module) -> None:
     """Switch every HuggingFace (sub)model inside ``model`` to eager attention, in place.
 
@@ -133,10 +150,13 @@ class ModelAdapter(ABC):
         self.model = model.eval()
         self.unsupported: set[str] = set()
         self.config = config or AdapterConfig()
-        named = dict(model.named_parameters())
+        named = dict(model.named_parameters(remove_duplicate=False))
         if not named:
             raise ModelError("the model has no parameters to take influence over")
-        self.names = self.config.selection.select(list(named))
+        aliases = tied_aliases(model)
+        chosen = self.config.selection.select(list(named))
+        self.names = [name for name in chosen if aliases.get(name) not in chosen]
+        self.shared = {alias: name for alias, name in aliases.items() if alias in chosen and name in chosen}
         self.space = ParameterSpace({name: named[name] for name in self.names})
         reference = named[self.names[0]]
         self.dtype, self.device = reference.dtype, reference.device
@@ -149,12 +169,12 @@ class ModelAdapter(ABC):
 
     def flat_params(self) -> Tensor:
         """A detached copy of the selected parameters' current values, as one flat vector."""
-        named = dict(self.model.named_parameters())
+        named = dict(self.model.named_parameters(remove_duplicate=False))
         return self.space.flatten({name: named[name].detach() for name in self.names}).clone()
 
     def load_flat_params(self, flat: Tensor) -> None:
         """Write a flat vector back into the model's selected parameters (e.g. after an SGD step)."""
-        named = dict(self.model.named_parameters())
+        named = dict(self.model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, value in self.space.unflatten(flat).items():
                 named[name].copy_(value)
@@ -194,8 +214,10 @@ class ModelAdapter(ABC):
         return self.per_example_loss(flat, batch).mean() + self.regulariser(flat)
 
     def functional_call(self, params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run the model with the selected parameters replaced by ``params`` (others as they are)."""
-        return functional_call(self.model, params, args, kwargs)
+        """Run the model with the selected parameters replaced by ``params`` (others as they are). A tied tensor
+        replaced under one of its names changes that use alone; under both (see :func:`tied_aliases`), every use."""
+        shared = {alias: params[name] for alias, name in self.shared.items() if name in params}
+        return functional_call(self.model, {**params, **shared}, args, kwargs, tie_weights=False)
 
     def check_batch(self, batch: Batch) -> None:
         """Refuse a batch with non-finite floating inputs; subclasses add model-specific checks (label range)."""
@@ -376,33 +398,21 @@ def _unsqueezed(batch: Batch) -> Batch:
     return map_tensors(lambda t: t.unsqueeze(0), batch)
 
 
-class HFClassifierAdapter(ModelAdapter):
-    """HuggingFace ``*ForSequenceClassification`` and ``*ForMultipleChoice`` models on dict batches with
-    ``input_ids``, ``attention_mask`` (optional ``token_type_ids``) and ``labels``; loss = cross-entropy against
-    ``labels`` (a class, or a choice: multiple-choice inputs are shaped [B, num_choices, T]).
+class HFAdapter(ModelAdapter):
+    """What every HuggingFace adapter shares: dict batches, and the model's own forward under ``torch.func.vmap``.
 
-    The adapter must reproduce the model's own forward under ``torch.func.vmap``, where transformers' mask
-    construction fails (BERT-style encoders check the mask with Python branches). So a forward pre-hook on the base
-    model swaps the 2-D mask for the 4-D additive mask(s) its attention needs: causal for decoders, per layer type
-    for models mixing full and sliding-window layers (``mask_mode="built"``). Models that read the 2-D mask
-    themselves (DeBERTa-v2 multiplies its embeddings by it) get it unchanged (``mask_mode="model"``). The first mode
-    whose logits equal the model's own on a padded probe batch is chosen when the adapter is built.
-    Features are the input of ``feature_module`` (default: the head, found from the model), at the position the
-    model classifies from ([CLS] for encoders, the last non-pad token for decoders).
+    transformers' mask construction fails under vmap (BERT-style encoders check the mask with Python branches), so
+    a forward pre-hook on the base model swaps the 2-D mask for the 4-D additive mask(s) its attention needs: causal
+    for decoders, per layer type for models mixing full and sliding-window layers (``mask_mode="built"``). Models
+    that read the 2-D mask themselves (DeBERTa-v2 multiplies its embeddings by it) get it unchanged
+    (``mask_mode="model"``). Subclasses call :meth:`_choose_mask_mode` once built: the first mode whose logits equal
+    the model's own on a padded probe batch wins.
     """
 
-    def __init__(
-        self, model: nn.Module, config: AdapterConfig | None = None, feature_module: str | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None) -> None:
         super().__init__(model, config)
-        self.multiple_choice = type(model).__name__.endswith("ForMultipleChoice")
         self.causal = is_causal_model(model)
-        self.feature_name = feature_module or find_head(model, 1 if self.multiple_choice else model.config.num_labels)
-        modules = dict(model.named_modules())
-        if self.feature_name not in modules:
-            raise ModelError(f"feature_module {self.feature_name!r} is not a module of the model")
-        self.feature_module = modules[self.feature_name]
-        self.mask_mode: MaskMode = self._choose_mask_mode()
+        self.mask_mode: MaskMode = "built"
 
     def _model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -415,11 +425,14 @@ class HFClassifierAdapter(ModelAdapter):
     def _layer_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
         """The 4-D mask for a [B, T] padding mask; a dict by layer type for models mixing full and sliding layers."""
         config = self.model.config
-        kinds = set(getattr(config, "layer_types", None) or ("full_attention",))
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if not getattr(config, "layer_types", None):  # one kind for every layer (Mistral: all sliding)
+            return attention_bias(mask, self.dtype, self.causal, window)
+        kinds = set(config.layer_types)
         if kinds == {"full_attention"}:
             return attention_bias(mask, self.dtype, self.causal)
         if not kinds <= {"full_attention", "sliding_attention"}:
-            raise ModelError(f"HFClassifierAdapter cannot build masks for the attention layer types {sorted(kinds)}")
+            raise ModelError(f"{type(self).__name__} cannot build masks for the attention layer types {sorted(kinds)}")
         return {
             kind: attention_bias(
                 mask, self.dtype, self.causal, None if kind == "full_attention" else config.sliding_window
@@ -447,37 +460,37 @@ class HFClassifierAdapter(ModelAdapter):
             handle.remove()
 
     def logits(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        """Classifier logits [B, C] (C classes, or choices) with the selected parameters set to ``params``."""
+        """The model's logits with the selected parameters set to ``params``, masks as ``mask_mode`` says."""
         with self._masks_for_mode():
             return self.functional_call(params, (), self._model_inputs(batch)).logits
 
     def _outputs(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
         return self.logits(params, batch)
 
-    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
-        return torch.nn.functional.cross_entropy(outputs, batch["labels"], reduction="none")
-
-    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
-        return self.loss_from_outputs(self.logits(params, batch), batch)
-
     def _probe_batch(self) -> dict[str, Tensor]:
-        """Two token rows, the second right-padded (one 2-choice example for multiple choice), for the mask check."""
+        """Two token rows, the second right-padded, for the mask check."""
         config, length = self.model.config, 6
         pad = getattr(config, "pad_token_id", None)
         tokens = [i for i in range(1, min(getattr(config, "vocab_size", 8), 8)) if i != pad][:3]
         ids = torch.tensor([tokens * 2, tokens + [0 if pad is None else pad] * 3], device=self.device)
         mask = torch.tensor([[1] * length, [1] * 3 + [0] * 3], device=self.device)
-        if self.multiple_choice:
-            ids, mask = ids[None], mask[None]
         return {"input_ids": ids, "attention_mask": mask}
+
+    def _compared(self, logits: Tensor, probe: dict[str, Tensor]) -> Tensor:
+        """The part of the probe's logits that must equal the model's own (all of it; an LM drops padded positions)."""
+        return logits
+
+    def _own_logits(self, probe: dict[str, Tensor]) -> Tensor:
+        """The model's own logits on the probe, one row at a time, as :meth:`_compared` shapes them."""
+        rows = [map_tensors(lambda t, i=i: t[i : i + 1], probe) for i in range(len(probe["input_ids"]))]
+        return self._compared(torch.cat([self.model(**row).logits for row in rows]), probe)
 
     def _choose_mask_mode(self) -> MaskMode:
         """The first mask mode whose vmapped logits equal the model's own on the probe batch; ModelError if none."""
         probe = self._probe_batch()
         params = self.space.unflatten(self.flat_params())
         with torch.no_grad():
-            rows = [map_tensors(lambda t, i=i: t[i : i + 1], probe) for i in range(len(probe["input_ids"]))]
-            expected = torch.cat([self.model(**row).logits for row in rows])
+            expected = self._own_logits(probe)
         failures = []
         for mode in ("built", "model"):
             self.mask_mode = mode
@@ -487,14 +500,47 @@ class HFClassifierAdapter(ModelAdapter):
             except (RuntimeError, ValueError) as error:
                 failures.append(f"{mode} masks: {str(error).splitlines()[0][:120]}")
                 continue
-            gap = float((got - expected).abs().max())
+            gap = float((self._compared(got, probe) - expected).abs().max())
             if gap <= 100 * torch.finfo(self.dtype).eps * float(expected.abs().max()):  # rounding only
                 return mode
             failures.append(f"{mode} masks: logits differ by {gap:.2g}")
         raise ModelError(
-            f"HFClassifierAdapter cannot reproduce {type(self.model).__name__}'s own forward under torch.func.vmap "
+            f"{type(self).__name__} cannot reproduce {type(self.model).__name__}'s own forward under torch.func.vmap "
             f"({'; '.join(failures)}); wrap the model in a TorchAdapter with its own loss function instead"
         )
+
+
+class HFClassifierAdapter(HFAdapter):
+    """HuggingFace ``*ForSequenceClassification`` and ``*ForMultipleChoice`` models on dict batches with
+    ``input_ids``, ``attention_mask`` (optional ``token_type_ids``) and ``labels``; loss = cross-entropy against
+    ``labels`` (a class, or a choice: multiple-choice inputs are shaped [B, num_choices, T]).
+
+    Masks follow :class:`HFAdapter`. Features are the input of ``feature_module`` (default: the head, found from
+    the model), at the position the model classifies from ([CLS] for encoders, the last non-pad token for decoders).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: AdapterConfig | None = None, feature_module: str | None = None
+    ) -> None:
+        super().__init__(model, config)
+        self.multiple_choice = type(model).__name__.endswith("ForMultipleChoice")
+        self.feature_name = feature_module or find_head(model, 1 if self.multiple_choice else model.config.num_labels)
+        modules = dict(model.named_modules())
+        if self.feature_name not in modules:
+            raise ModelError(f"feature_module {self.feature_name!r} is not a module of the model")
+        self.feature_module = modules[self.feature_name]
+        self.mask_mode = self._choose_mask_mode()
+
+    def loss_from_outputs(self, outputs: Any, batch: Batch) -> Tensor:
+        return torch.nn.functional.cross_entropy(outputs, batch["labels"], reduction="none")
+
+    def _loss(self, params: dict[str, Tensor], batch: Batch) -> Tensor:
+        return self.loss_from_outputs(self.logits(params, batch), batch)
+
+    def _probe_batch(self) -> dict[str, Tensor]:
+        """The two probe rows, as one 2-choice example for multiple choice."""
+        probe = super()._probe_batch()
+        return {key: value[None] for key, value in probe.items()} if self.multiple_choice else probe
 
     def check_batch(self, batch: Batch) -> None:
         super().check_batch(batch)
@@ -528,7 +574,8 @@ class HFClassifierAdapter(ModelAdapter):
         captured: list[Tensor] = []
         handle = self.feature_module.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**inputs)
+            with self._masks_for_mode():  # the adapter's masks: finite where a float64 sliding window gives NaN
+                self.model(**inputs)
         finally:
             handle.remove()
         feature = captured[0]
