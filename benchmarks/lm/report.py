@@ -1,0 +1,77 @@
+"""The fact-tracing results as a short markdown table, with the goals marked met or missed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GOAL_RECALL = 0.8
+BASELINES = ("bm25", "random")
+
+
+def goals(payload: dict[str, Any]) -> dict[str, Any]:
+    """The brief's goals against the measured numbers: the best influence solver's Recall@10 >= 0.8, and its
+    tail-patch gain above BM25's and random's (means over queries)."""
+    methods = payload["methods"]
+    influence = {name: m for name, m in methods.items() if name.startswith("influence-")}
+    best_recall = max(influence, key=lambda name: influence[name]["recall@10"])
+    best_patch = max(influence, key=lambda name: influence[name]["tail_patch"]["mean"])
+    patch = influence[best_patch]["tail_patch"]["mean"]
+    return {
+        "influence_recall@10": {
+            "method": best_recall,
+            "value": influence[best_recall]["recall@10"],
+            "goal": GOAL_RECALL,
+            "met": influence[best_recall]["recall@10"] >= GOAL_RECALL,
+        },
+        "influence_tail_patch_above_baselines": {
+            "method": best_patch,
+            "value": patch,
+            **{name: methods[name]["tail_patch"]["mean"] for name in BASELINES},
+            "met": all(patch > methods[name]["tail_patch"]["mean"] for name in BASELINES),
+        },
+        "best_attribution": max(methods, key=lambda name: methods[name]["mrr"]),
+        "best_tail_patch": max(methods, key=lambda name: methods[name]["tail_patch"]["mean"]),
+    }
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def markdown_report(payload: dict[str, Any]) -> str:
+    """One row per method (MRR, Recall@10, tail-patch mean ± s.e.m., fraction positive, seconds) and the goals."""
+    model, setup = payload["model"], payload["influence_setup"]
+    lines = [
+        "# Fact tracing on a small GPT-2 trained here",
+        "",
+        f"`{payload['command']}` — {payload['date']}, load {payload['load_before']} → {payload['load_after']}, "
+        f"{payload['wall_seconds']} s wall.",
+        "",
+        f"Corpus: {payload['corpus']['documents']} documents, {payload['corpus']['facts']} planted facts, vocabulary "
+        f"{payload['corpus']['vocabulary']}. Model: {model['parameters']} parameters, {model['epochs']} epochs "
+        f"({model['train_seconds']} s when trained), final loss {model['final_loss']}, facts completed "
+        f"{sum(payload['facts_completed'])}/{len(payload['facts_completed'])}. Influence over {setup['parameters']} "
+        f"parameters (frozen path: {setup['frozen_path']}), damping {_number(setup['damping'])}.",
+        "",
+        "| method | MRR | Recall@10 | tail-patch Δlog p (mean ± s.e.m.) | tail-patch > 0 | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in payload["methods"].items():
+        patch = m["tail_patch"]
+        lines.append(
+            f"| {name} | {_number(m['mrr'])} | {_number(m['recall@10'])} | {_number(patch['mean'])} ± "
+            f"{_number(patch['sem'])} | {_number(patch['fraction_positive'])} | {m['seconds']:.1f} |"
+        )
+    found = goals(payload)
+    recall, patch = found["influence_recall@10"], found["influence_tail_patch_above_baselines"]
+    lines += [
+        "",
+        f"- Goal influence Recall@10 ≥ {recall['goal']}: **{'met' if recall['met'] else 'missed'}** "
+        f"({recall['method']}: {_number(recall['value'])}).",
+        f"- Goal influence tail-patch above BM25 and random: **{'met' if patch['met'] else 'missed'}** "
+        f"({patch['method']}: {_number(patch['value'])}; bm25 {_number(patch['bm25'])}, random "
+        f"{_number(patch['random'])}).",
+        f"- Best attribution (MRR): {found['best_attribution']}; best tail-patch: {found['best_tail_patch']}.",
+        "",
+    ]
+    return "\n".join(lines)
