@@ -29,13 +29,19 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
             **{name: methods[name]["tail_patch"]["mean"] for name in BASELINES},
             "met": all(patch > methods[name]["tail_patch"]["mean"] for name in BASELINES),
         },
+        "recall_met_by": sorted(name for name, m in influence.items() if m["recall@10"] >= GOAL_RECALL),
+        "tail_patch_above_baselines_by": sorted(
+            name
+            for name, m in influence.items()
+            if all(m["tail_patch"]["mean"] > methods[base]["tail_patch"]["mean"] for base in BASELINES)
+        ),
         "best_attribution": max(methods, key=lambda name: methods[name]["mrr"]),
         "best_tail_patch": max(methods, key=lambda name: methods[name]["tail_patch"]["mean"]),
     }
 
 
-def _number(value: float) -> str:
-    return f"{value:.3g}"
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def markdown_report(payload: dict[str, Any]) -> str:
@@ -53,24 +59,30 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"{sum(payload['facts_completed'])}/{len(payload['facts_completed'])}. Influence over {setup['parameters']} "
         f"parameters (frozen path: {setup['frozen_path']}), damping {_number(setup['damping'])}.",
         "",
-        "| method | MRR | Recall@10 | tail-patch Δlog p (mean ± s.e.m.) | tail-patch > 0 | seconds |",
-        "|---|---|---|---|---|---|",
+        f"Tail-patch: one SGD step (lr {payload['settings']['tail_patch_lr']}, all parameters) on a method's top "
+        f"{payload['settings']['top_k']} documents, then the change of the completion's log-probability; per query, "
+        "mean ± s.e.m. over queries. Columns in brackets: only the facts the model completes.",
+        "",
+        "| method | MRR | Recall@10 | tail-patch Δlog p | tail-patch > 0 | [MRR] | [Recall@10] | [tail-patch] "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in payload["methods"].items():
-        patch = m["tail_patch"]
+        patch, learned = m["tail_patch"], m["learned_facts"] or {"mrr": None, "recall@10": None, "tail_patch": {}}
         lines.append(
             f"| {name} | {_number(m['mrr'])} | {_number(m['recall@10'])} | {_number(patch['mean'])} ± "
-            f"{_number(patch['sem'])} | {_number(patch['fraction_positive'])} | {m['seconds']:.1f} |"
+            f"{_number(patch['sem'])} | {_number(patch['fraction_positive'])} | {_number(learned['mrr'])} | "
+            f"{_number(learned['recall@10'])} | {_number(learned['tail_patch'].get('mean'))} | {m['seconds']:.1f} |"
         )
     found = goals(payload)
     recall, patch = found["influence_recall@10"], found["influence_tail_patch_above_baselines"]
     lines += [
         "",
         f"- Goal influence Recall@10 ≥ {recall['goal']}: **{'met' if recall['met'] else 'missed'}** "
-        f"({recall['method']}: {_number(recall['value'])}).",
+        f"(best {recall['method']}: {_number(recall['value'])}; met by {', '.join(found['recall_met_by']) or 'none'}).",
         f"- Goal influence tail-patch above BM25 and random: **{'met' if patch['met'] else 'missed'}** "
         f"({patch['method']}: {_number(patch['value'])}; bm25 {_number(patch['bm25'])}, random "
-        f"{_number(patch['random'])}).",
+        f"{_number(patch['random'])}; above both: {', '.join(found['tail_patch_above_baselines_by']) or 'none'}).",
         f"- Best attribution (MRR): {found['best_attribution']}; best tail-patch: {found['best_tail_patch']}.",
         "",
     ]

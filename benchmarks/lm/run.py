@@ -61,17 +61,30 @@ def random_rankings(queries: int, documents: int, seed: int) -> list[list[int]]:
 
 
 def evaluate(
-    attributions: list[Attribution], corpus: Corpus, model: Any, train: LMDocuments, queries: LMDocuments, lr: float
+    attributions: list[Attribution],
+    corpus: Corpus,
+    model: Any,
+    train: LMDocuments,
+    queries: LMDocuments,
+    lr: float,
+    learned: list[bool],
 ) -> dict[str, dict[str, Any]]:
-    """Per method: MRR and Recall@10 of the fact documents, the tail-patch gain's summary, and its wall time."""
+    """Per method: MRR and Recall@10 of the fact documents, the tail-patch gain's summary and its wall time, over
+    every query and over the facts the model completes (``learned``; None when it completes none)."""
     query_batches = [queries.batch([i]) for i in range(len(queries))]
+    kept = [i for i, ok in enumerate(learned) if ok]
     results = {}
     for attribution in attributions:
         ranked = rankings(attribution.scores)
         gains = tail_patch(model, train.batch, ranked, query_batches, lr, K)
+        subset = None
+        if kept:
+            found = tracing_metrics([ranked[i] for i in kept], [corpus.fact_documents[i] for i in kept], K)
+            subset = {**found, "tail_patch": summary([gains[i] for i in kept])}
         results[attribution.name] = {
             **tracing_metrics(ranked, corpus.fact_documents, K),
             "tail_patch": summary(gains),
+            "learned_facts": subset,
             "tail_patch_per_query": gains,
             "seconds": attribution.seconds,
             "info": attribution.info,
@@ -94,7 +107,7 @@ def run(profile: Profile, log: Any = print) -> dict[str, Any]:
     attributions.append(bm25_scores([d["text"] for d in corpus.documents], texts))
     randoms = random_rankings(len(queries), len(train), profile.seed)
     attributions.append(Attribution("random", _as_scores(randoms), 0.0))
-    methods = evaluate(attributions, corpus, trained.model, train, queries, profile.tail_patch_lr)
+    methods = evaluate(attributions, corpus, trained.model, train, queries, profile.tail_patch_lr, learned)
     return {
         "command": "python -m benchmarks.lm.run " + " ".join(sys.argv[1:]),
         "date": started,

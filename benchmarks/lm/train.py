@@ -29,17 +29,21 @@ METRICS_FILE = "training.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Model shape and optimisation: a GPT-2 of ``layers`` blocks of width ``width``, AdamW at a constant ``lr``."""
+    """Model shape and optimisation: a GPT-2 of ``layers`` blocks of width ``width``; AdamW with ``weight_decay``,
+    ``lr`` warmed up over ``warmup_steps`` then decayed linearly to 0 at ``max_epochs``; ``dropout`` while training
+    (influence and the metrics run the model in eval mode, without it)."""
 
     seed: int = 0
-    layers: int = 4
+    layers: int = 2
     width: int = 128
     heads: int = 4
     positions: int = 128
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-3
+    weight_decay: float = 0.1
+    dropout: float = 0.1
     warmup_steps: int = 50
-    max_epochs: int = 80
+    max_epochs: int = 60
     target_accuracy: float = 0.9
 
 
@@ -54,7 +58,7 @@ class TrainedLM:
 
 
 def gpt2_config(config: TrainConfig, tokenizer: Any) -> Any:
-    """A dropout-free GPT-2 config sized by ``config`` over the tokenizer's vocabulary, embeddings tied to the head."""
+    """A GPT-2 config sized by ``config`` over the tokenizer's vocabulary, embeddings tied to the head."""
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -63,9 +67,9 @@ def gpt2_config(config: TrainConfig, tokenizer: Any) -> Any:
         n_embd=config.width,
         n_layer=config.layers,
         n_head=config.heads,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -106,6 +110,16 @@ def fact_accuracy(model: nn.Module, tokenizer: Any, queries: list[dict[str, str]
     return [int(p) == row[0] for p, row in zip(predicted.tolist(), completions, strict=True)]
 
 
+def schedule(optimiser: Any, config: TrainConfig, total_steps: int) -> Any:
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        decay = (total_steps - step) / (total_steps - config.warmup_steps)
+        return min((step + 1) / config.warmup_steps, max(0.0, decay))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
 def _epoch(
     model: nn.Module, optimiser: Any, schedule: Any, rows: list[list[int]], config: TrainConfig, rng: random.Random
 ) -> tuple[float, int]:
@@ -120,7 +134,7 @@ def _epoch(
         loss.backward()
         optimiser.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return sum(losses) / len(losses), len(losses)
 
 
@@ -132,8 +146,8 @@ def train_model(corpus: Corpus, config: TrainConfig, log: Any = print) -> tuple[
     tokenizer = word_tokenizer(corpus.vocabulary)
     model = GPT2LMHeadModel(gpt2_config(config, tokenizer)).train()
     rows = encode_documents(tokenizer, [d["text"] for d in corpus.documents], config.positions)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / config.warmup_steps))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = schedule(optimiser, config, -(-len(rows) // config.batch_size) * config.max_epochs)
     rng, curve, steps, start, load_before = random.Random(config.seed), [], 0, time.perf_counter(), os.getloadavg()
     for epoch in range(1, config.max_epochs + 1):
         loss, count = _epoch(model, optimiser, warmup, rows, config, rng)
