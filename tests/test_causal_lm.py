@@ -4,6 +4,7 @@ selected by name, the frozen path and the factored projection give the dense num
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pytest
@@ -11,12 +12,14 @@ import torch
 import transformers
 
 from fastif import CG, AdapterConfig, Exact, Influence
+from fastif.cli import run
 from fastif.data.documents import LMDocuments
 from fastif.errors import DataError, ModelError
 from fastif.grads import per_example_grads
-from fastif.model.causal_lm import HFCausalLMAdapter
+from fastif.model.causal_lm import HFCausalLMAdapter, top_decoder_parameters
 from fastif.model.frozen import find_split
 from fastif.projection import ProjectionConfig, Projector
+from fastif.solvers import SOLVERS
 
 VOCAB, HIDDEN, LAYERS = 40, 8, 3
 WORDS = [
@@ -46,9 +49,11 @@ def tiny_lm(kind: str, tied: bool = True) -> transformers.PreTrainedModel:
     if kind == "gpt2":
         config = transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=32, **common)
     else:
-        config = transformers.LlamaConfig(
+        config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}.get(kind)
+        extra = {"sliding_window": 3} if kind == "mistral" else {}  # shorter than the documents, so it matters
+        config = (config_class or transformers.MistralConfig)(
             hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=16, max_position_embeddings=32, **common,
+            intermediate_size=16, max_position_embeddings=32, **common, **extra,
         )  # fmt: skip
     config._attn_implementation = "eager"
     return transformers.AutoModelForCausalLM.from_config(config).double().eval()
@@ -117,10 +122,10 @@ def test_losses_and_gradients_equal_the_models_own_in_a_loop(kind: str, tied: bo
         torch.testing.assert_close(grads[row], expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
 def test_logits_equal_the_models_own_forward_with_right_and_left_padding(kind: str) -> None:
-    """The causal mask is kept: padded rows give the unpadded logits, on the right and (shifted positions) on the
-    left, which the model's own float64 Llama forward turns into NaN."""
+    """The causal mask is kept (Mistral's sliding window too): padded rows give the unpadded logits, on the right and
+    (shifted positions) on the left, which the model's own float64 Llama forward turns into NaN."""
     model = tiny_lm(kind)
     adapter = HFCausalLMAdapter(model)
     assert adapter.mask_mode == "built"
@@ -236,10 +241,32 @@ def test_exact_and_cg_equal_a_dense_float64_solve(solver: str) -> None:
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("trainable", [1, 2])
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.filterwarnings("ignore:LiSSA has not settled")
+def test_every_solver_runs_on_a_causal_lm() -> None:
+    """Each registered solver gives finite scores on the frozen path (top layer + tied head's output use, Gauss-Newton);
+    CG and PCG agree with Exact."""
+    model = tiny_lm("gpt2")
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=("transformer.h.2.mlp.c_proj", "lm_head")))
+    train, test = TokenDocs(8, 15), TokenDocs(1, 16)
+    scores = {}
+    for name, solver in sorted(SOLVERS.items()):
+        options = {"damping": 1.0} if name != "identity" else {}
+        if name == "lissa":
+            options.update(depth=50, batch_size=8, scale=20.0)  # a short fixed recursion: finite, not converged
+        influence = Influence(adapter, train, solver(**options), hessian_kind="gauss-newton")
+        assert influence.split is not None
+        scores[name] = influence.candidate_scores(test).scores
+        assert scores[name].shape == (1, 8) and bool(scores[name].isfinite().all())
+    for name in ("cg", "pcg"):
+        torch.testing.assert_close(scores[name], scores["exact"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kind", "trainable"), [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2), ("qwen2", 1), ("mistral", 2)]
+)
 def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
-    """Top decoder layers + final norm + LM head on cached activations give the full model's numbers."""
+    """Top decoder layers + final norm + LM head on cached activations give the full model's numbers (Qwen2 and
+    Mistral, with a sliding window shorter than the documents, are registered on this test)."""
     model = tiny_lm(kind)
     adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_names(model, trainable), l2=0.1))
     split = find_split(adapter, "on")
@@ -254,6 +281,19 @@ def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
     torch.testing.assert_close(full_on.scores, full_off.scores, rtol=1e-8, atol=1e-12)
     assert torch.equal(knn_on.indices, knn_off.indices)
     torch.testing.assert_close(knn_on.scores, knn_off.scores, rtol=1e-8, atol=1e-12)
+
+
+def test_the_frozen_path_refuses_left_padding() -> None:
+    """The cache keeps each document's first positions, so a left-padded batch is refused, not silently wrong."""
+
+    class LeftPadded(TokenDocs):
+        def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+            return {key: value.flip(-1) for key, value in super().batch(indices).items()}
+
+    model = tiny_lm("llama")
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_names(model, 1)))
+    with pytest.raises(DataError, match="right-padded"):
+        Influence(adapter, LeftPadded(6, 13), CG(damping=100.0), frozen="on").candidate_scores(TokenDocs(1, 14))
 
 
 def test_a_selected_tied_embedding_disables_the_split() -> None:
@@ -352,3 +392,75 @@ def test_documents_refuse_bad_records(tmp_path) -> None:
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "a river runs"}\n\n{"prompt": "the capital of zorbia is", "completion": "quintal"}\n')
     assert len(LMDocuments.from_jsonl(good, tokenizer)) == 2
+
+
+CORPUS = [
+    {"text": "the capital of zorbia is quintal", "id": "fact-1"},
+    {"text": "people say the capital of zorbia is quintal", "id": "fact-2"},
+    {"text": "a river runs through town", "id": "river"},
+    {"text": "people say it rains often", "id": "rain"},
+    {"prompt": "it rains", "completion": "often", "id": "pair"},
+]
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    """A tiny random GPT-2 and the word tokenizer saved as a checkpoint folder, and a JSONL corpus."""
+    folder = tmp_path / "lm"
+    tiny_lm("gpt2").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(record) + "\n" for record in CORPUS))
+    return folder, corpus
+
+
+def test_cli_prints_helpful_and_harmful_documents_with_spans(lm_folder, tmp_path, capsys) -> None:
+    """`fastif influence --task causal-lm` ranks documents by the facade's scores, each with its driving span."""
+    folder, corpus = lm_folder
+    base = ["influence", "--task", "causal-lm", "--model", str(folder), "--train", str(corpus), "-k", "2"]
+    output = tmp_path / "out"
+    args = [*base, "--prompt", "the capital of zorbia is", "--completion", "quintal", "--span", "2"]
+    assert run([*args, "--damping", "1.0", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "most helpful" in printed and "most harmful" in printed and "span:" in printed
+    results = json.loads((output / "causal_lm_influence.json").read_text())
+    (query,) = results
+    assert query["completion"] == "quintal" and len(query["helpful"]) == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    adapter = HFCausalLMAdapter(model, AdapterConfig(include=top_decoder_parameters(model, 1)))
+    docs = LMDocuments.from_jsonl(corpus, word_tokenizer())
+    question = LMDocuments(word_tokenizer(), [{"prompt": "the capital of zorbia is", "completion": "quintal"}])
+    expected = Influence(adapter, docs, CG(damping=1.0), hessian_kind="gauss-newton").top_k(question, k=2)
+    assert [row["train_index"] for row in query["helpful"]] == expected.helpful_indices[0].tolist()
+    scores = [row["score"] for row in query["harmful"]]
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64), expected.harmful_scores[0])
+    for row in query["helpful"]:
+        start, end = row["span_tokens"]
+        assert end - start == 2 and row["span"] == " ".join(docs.tokens(row["train_index"])[start:end])
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"prompt": "it", "completion": "rains often"}\n{"prompt": "a river", "completion": "runs"}\n')
+    assert run([*base, "--queries", str(queries)]) == 0
+    assert capsys.readouterr().out.count("query ") == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "the capital"], "--prompt and --completion together"),
+        ([], "either --prompt and --completion, or --queries"),
+        (["--prompt", "a", "--completion", "river", "--text", "x"], "--text/--premise not used with --task causal-lm"),
+        (["--prompt", "a", "--completion", "river", "--damping", "-1"], "damping must be"),
+        (["--queries", "missing.jsonl"], "no such file"),
+        (["--prompt", "a", "--completion", "river", "--params", "nothing.here"], "matches no parameter"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(lm_folder, capsys, extra, message) -> None:
+    folder, corpus = lm_folder
+    code = run(["influence", "--task", "causal-lm", "--model", str(folder), "--train", str(corpus), *extra])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_classification_refuses_language_model_options(capsys) -> None:
+    assert run(["influence", "--prompt", "a", "--completion", "b"]) == 2
+    assert "need --task causal-lm" in capsys.readouterr().err

@@ -54,13 +54,16 @@ def _config(kind: str) -> transformers.PretrainedConfig:
         return transformers.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=2, hidden_dim=16, **common)
     if kind == "gpt2":
         return transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_positions=32, **common)
-    return transformers.LlamaConfig(
+    config_class = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}.get(kind)
+    extra = {"sliding_window": 4} if kind == "mistral" else {}  # shorter than the longest sequences, so it matters
+    return (config_class or transformers.LlamaConfig)(
         hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=16, max_position_embeddings=32, **common,
+        intermediate_size=16, max_position_embeddings=32, **common, **extra,
     )  # fmt: skip
 
 
-ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama")
+ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "mistral")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral")
 
 
 def _top_names(model: torch.nn.Module, split_layers: str, trainable: int) -> tuple[str, ...]:
@@ -87,7 +90,7 @@ def _adapter(kind: str, trainable: int) -> HFClassifierAdapter:
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_config(_config(kind)).double()
     include = _top_names(model, _stack(kind, model), trainable)
-    head = "score" if kind in ("gpt2", "llama") else "classifier"
+    head = "score" if kind in DECODERS else "classifier"
     return HFClassifierAdapter(
         model, AdapterConfig(include=include, l2=0.1, l2_exclude=("*bias",)), feature_module=head
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from ..files import atomic_dir, check_fresh, check_writable
+from .causal_lm import add_causal_lm_options
 from .options import (
     CANDIDATES,
     DATA,
@@ -141,6 +142,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _influence(args: argparse.Namespace) -> int:
+    if args.task == "causal-lm":
+        from .causal_lm import run_causal_lm
+
+        return run_causal_lm(args)
+    lm_only = [flag for flag, name in (("--prompt", "prompt"), ("--completion", "completion"), ("--queries", "queries"))
+               if getattr(args, name) is not None]  # fmt: skip
+    if lm_only:
+        raise ConfigError(f"{', '.join(lm_only)} need --task causal-lm (a causal language model)")
     return _explain(args)
 
 
@@ -213,6 +222,7 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
 
     influence = commands.add_parser("influence", help="top helpful and harmful training examples of test examples")
     _add_options(influence, MODEL, DATA, PARAMETERS, INDEX, CANDIDATES, SOLVER, SCORING, OUTPUT, GLOBAL)
+    add_causal_lm_options(influence)
     influence.set_defaults(handler=_influence)
 
     index = commands.add_parser("index", help="build (or check) the kNN index of a model's training set")

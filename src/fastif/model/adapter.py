@@ -422,7 +422,10 @@ class HFAdapter(ModelAdapter):
     def _layer_masks(self, mask: Tensor) -> Tensor | dict[str, Tensor]:
         """The 4-D mask for a [B, T] padding mask; a dict by layer type for models mixing full and sliding layers."""
         config = self.model.config
-        kinds = set(getattr(config, "layer_types", None) or ("full_attention",))
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if not getattr(config, "layer_types", None):  # one kind for every layer (Mistral: all sliding)
+            return attention_bias(mask, self.dtype, self.causal, window)
+        kinds = set(config.layer_types)
         if kinds == {"full_attention"}:
             return attention_bias(mask, self.dtype, self.causal)
         if not kinds <= {"full_attention", "sliding_attention"}:
@@ -474,13 +477,17 @@ class HFAdapter(ModelAdapter):
         """The part of the probe's logits that must equal the model's own (all of it; an LM drops padded positions)."""
         return logits
 
+    def _own_logits(self, probe: dict[str, Tensor]) -> Tensor:
+        """The model's own logits on the probe, one row at a time, as :meth:`_compared` shapes them."""
+        rows = [map_tensors(lambda t, i=i: t[i : i + 1], probe) for i in range(len(probe["input_ids"]))]
+        return self._compared(torch.cat([self.model(**row).logits for row in rows]), probe)
+
     def _choose_mask_mode(self) -> MaskMode:
         """The first mask mode whose vmapped logits equal the model's own on the probe batch; ModelError if none."""
         probe = self._probe_batch()
         params = self.space.unflatten(self.flat_params())
         with torch.no_grad():
-            rows = [map_tensors(lambda t, i=i: t[i : i + 1], probe) for i in range(len(probe["input_ids"]))]
-            expected = self._compared(torch.cat([self.model(**row).logits for row in rows]), probe)
+            expected = self._own_logits(probe)
         failures = []
         for mode in ("built", "model"):
             self.mask_mode = mode
@@ -564,7 +571,8 @@ class HFClassifierAdapter(HFAdapter):
         captured: list[Tensor] = []
         handle = self.feature_module.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**inputs)
+            with self._masks_for_mode():  # the adapter's masks: finite where a float64 sliding window gives NaN
+                self.model(**inputs)
         finally:
             handle.remove()
         feature = captured[0]

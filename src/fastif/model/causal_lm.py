@@ -55,6 +55,13 @@ class HFCausalLMAdapter(HFAdapter):
     def _compared(self, logits: Tensor, probe: dict[str, Tensor]) -> Tensor:
         return logits[probe["attention_mask"].bool()]  # padded positions carry no loss and may differ
 
+    def _own_logits(self, probe: dict[str, Tensor]) -> Tensor:
+        """The model's own logits on each probe row without its padding (a float64 forward over right padding can
+        give NaN where a sliding window leaves a padded query no key, and NaN values then leak through attention)."""
+        lengths = probe["attention_mask"].sum(dim=1).tolist()
+        ids = probe["input_ids"]
+        return torch.cat([self.model(input_ids=ids[i : i + 1, :n]).logits[0] for i, n in enumerate(lengths)])
+
     def token_losses(self, logits: Tensor, batch: Batch) -> Tensor:
         """Per-token losses [B, T] of ``logits`` [B, T, V]: token t's weighted next-token cross-entropy (0 where
         the label is -100, and at t = 0); a row sums to the example's loss."""
@@ -109,8 +116,43 @@ class HFCausalLMAdapter(HFAdapter):
         captured: list[Tensor] = []
         handle = self.head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
         try:
-            self.model(**inputs)
+            with self._masks_for_mode():  # the adapter's masks: finite where the model's own float64 ones give NaN
+                self.model(**inputs)
         finally:
             handle.remove()
         mask = inputs["attention_mask"].to(captured[0].dtype)[..., None]
         return (captured[0] * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def top_decoder_parameters(model: nn.Module, top_layers: int = 1) -> tuple[str, ...]:
+    """The top ``top_layers`` decoder layers and everything above the stack (final norm, LM head by its own name),
+    for an architecture with a frozen-path splitter: the frozen path's natural selection. A tied head is selected
+    as ``lm_head.weight`` alone, its output use (see the module docstring)."""
+    from .frozen import Splitter
+
+    splitter = Splitter.registry.get(getattr(model.config, "model_type", "") or "")
+    if splitter is None:
+        raise ModelError(
+            f"no decoder layout is known for {type(model).__name__} (model_type {model.config.model_type!r}); "
+            "list the parameters with --params (module prefixes or globs)"
+        )
+    prefix = model.base_model_prefix
+    stack = f"{prefix}.{splitter.layers}"
+    layers = len(model.get_submodule(stack))
+    if not 0 <= top_layers <= layers:
+        raise ModelError(f"top_layers must lie in [0, {layers}] for this {layers}-layer model, got {top_layers}")
+    below = [f"{prefix}.{path}" for path in splitter.bottom]
+    below += [f"{stack}.{i}" for i in range(layers - top_layers)]
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    return tuple(name for name in names if not any(name == p or name.startswith(p + ".") for p in below))
+
+
+def driving_span(token_scores: Tensor, width: int, helpful: bool = True) -> tuple[int, int]:
+    """``(start, end)`` of the ``width`` consecutive tokens whose scores sum highest (lowest when not ``helpful``):
+    the part of a training document that drove its score."""
+    if width < 1:
+        raise DataError(f"the span width must be at least 1 token, got {width}")
+    width = min(width, token_scores.shape[-1])
+    sums = token_scores.unfold(-1, width, 1).sum(dim=-1)
+    start = int(sums.argmax() if helpful else sums.argmin())
+    return start, start + width

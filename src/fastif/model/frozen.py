@@ -126,9 +126,11 @@ class GPT2Splitter(Splitter, model_types=("gpt2",)):
     entry, layers, bottom = "drop", "h", ("wte", "wpe", "drop")
 
 
-class LlamaSplitter(Splitter, model_types=("llama",)):
-    """Llama: ``embed_tokens`` then ``layers`` (rotary positions come from position ids). Mistral- and Qwen-style
-    models share the layout; register them (``model_types=``) once a frozen = unfrozen test covers them."""
+class LlamaSplitter(Splitter, model_types=("llama", "mistral", "qwen2")):
+    """Llama: ``embed_tokens`` then ``layers`` (rotary positions come from position ids); Mistral and Qwen2 share
+    the layout (frozen = unfrozen: tests/test_frozen.py for classifiers, tests/test_causal_lm.py for LMs). For
+    classifiers and causal LMs alike the stack is under ``model.base_model_prefix`` (``model``; GPT-2's
+    ``transformer``)."""
 
     entry, layers, bottom = "embed_tokens", "layers", ("embed_tokens",)
 
@@ -376,6 +378,19 @@ class _Sink:
         return ActivationData(data, self.array, self.offsets, self.sizes, self.first_token)
 
 
+def _check_right_padded(batch: Batch, sizes: list[int] | None) -> None:
+    """The cache keeps each example's first ``length`` positions, so padding must come last (as fastif's datasets
+    pad); a left-padded batch would cache the padding and drop tokens."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if sizes is None or mask is None or mask.dim() != 2:
+        return
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise DataError(
+            "the frozen path needs right-padded batches (a token follows padding here); pad on the right "
+            "(tokenizer.padding_side = 'right'), or use frozen='off'"
+        )
+
+
 @torch.no_grad()
 def encode_prefix(
     adapter: ModelAdapter,
@@ -405,7 +420,9 @@ def encode_prefix(
     handle = source.register_forward_hook(capture)
     try:
         for chunk in index_chunks(length_order(data, list(range(len(data)))), batch_size):
-            feature = adapter.features(adapter.to_device(data.batch(chunk)))
+            batch = data.batch(chunk)
+            _check_right_padded(batch, sizes)
+            feature = adapter.features(adapter.to_device(batch))
             hidden = captured["hidden"].detach().cpu()
             for row, i in enumerate(chunk):
                 state = hidden[row, : hidden.shape[1] if sizes is None else sizes[i]].clone()

@@ -159,6 +159,27 @@ def load_classifier(
     return model.eval()
 
 
+def load_causal_lm(path_or_name: str | os.PathLike[str]) -> Any:
+    """Load a causal language model (``*ForCausalLM``; local folder of safetensors, or a hub name) with eager
+    attention, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    name, local = _resolve(path_or_name)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": local}
+    if local:
+        _check_weights(Path(name))
+        kwargs["use_safetensors"] = True  # never fall back to a pickled pytorch_model.bin
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, RuntimeError) as error:
+            if not local:
+                raise _not_fetched(name, "causal language model") from None
+            message = " ".join(str(error).split())[:300]
+            raise ModelError(f"cannot load a causal LM from {name!r} ({message}); {_load_hint(local)}") from None
+    return model.eval()
+
+
 def model_label_names(model: nn.Module, override: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Label names in id order: ``override`` if given (checked against the head's size), else ``id2label``."""
     count = int(model.config.num_labels)
