@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .metrics import summary
+
 GOAL_RECALL = 0.8
 BASELINES = ("bm25", "random")
 
@@ -38,6 +40,14 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
         "best_attribution": max(methods, key=lambda name: methods[name]["mrr"]),
         "best_tail_patch": max(methods, key=lambda name: methods[name]["tail_patch"]["mean"]),
     }
+
+
+def paired(payload: dict[str, Any], method: str, baseline: str) -> dict[str, float]:
+    """``method``'s tail-patch gain minus ``baseline``'s on the same queries: mean ± s.e.m., how often larger."""
+    ours = payload["methods"][method]["tail_patch_per_query"]
+    theirs = payload["methods"][baseline]["tail_patch_per_query"]
+    found = summary([a - b for a, b in zip(ours, theirs, strict=True)])
+    return {"mean": found["mean"], "sem": found["sem"], "fraction_larger": found["fraction_positive"]}
 
 
 def _number(value: float | None) -> str:
@@ -85,5 +95,19 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"{_number(patch['random'])}; above both: {', '.join(found['tail_patch_above_baselines_by']) or 'none'}).",
         f"- Best attribution (MRR): {found['best_attribution']}; best tail-patch: {found['best_tail_patch']}.",
         "",
+        "Paired tail-patch differences (same queries), mean ± s.e.m. and the fraction of queries where the method's "
+        "gain is larger:",
+        "",
+        "| method | − bm25 | larger than bm25 | − random | larger than random |",
+        "|---|---|---|---|---|",
     ]
+    for name in payload["methods"]:
+        if name in BASELINES:
+            continue
+        cells = []
+        for base in BASELINES:
+            diff = paired(payload, name, base)
+            cells += [f"{_number(diff['mean'])} ± {_number(diff['sem'])}", _number(diff["fraction_larger"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     return "\n".join(lines)
