@@ -1,7 +1,7 @@
 """Run the fact-tracing benchmark: build the corpus, train (or load) the model, attribute every query's completion
 with each method, and score the rankings (MRR, Recall@10, tail-patch).
 
-    python -m benchmarks.lm.run --quick   # a smoke run (~1 min): a tiny corpus and model
+    python -m benchmarks.lm.run --quick   # a smoke run (12 s measured at load 1.5): a tiny corpus and model
     python -m benchmarks.lm.run --full    # the committed results: benchmarks/results/lm/fact_tracing.{json,md}
 """
 
