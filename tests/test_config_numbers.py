@@ -11,6 +11,8 @@ import typing
 import pytest
 
 from fastif import AdapterConfig
+from fastif.applications.finetune.config import FinetuneConfig, SplitConfig
+from fastif.applications.simulatability import SimulatabilityConfig
 from fastif.candidates import CandidateConfig
 from fastif.cli.options import _name_the_flag
 from fastif.errors import ConfigError
@@ -18,6 +20,8 @@ from fastif.gradient_store import GradientStoreConfig
 from fastif.pipeline import PipelineConfig
 from fastif.pipeline.config import CandidatesConfig, DataConfig, ParameterConfig, ScoringConfig, SolverStageConfig
 from fastif.projection import ProjectionConfig
+from fastif.recipes.nli.apps import ExperimentConfig, NLIGraphConfig
+from fastif.recipes.tabular import TabularConfig
 from fastif.runner import RunnerConfig
 from fastif.scores import ScoreConfig
 from fastif.solvers import REGISTRY, LiSSAConfig
@@ -81,3 +85,30 @@ def test_a_solver_option_gets_its_command_line_flag_named_too():
         LiSSAConfig(batch_size=0)
     named = _name_the_flag(error.value)
     assert str(named) == "--lissa-batch (solver.batch_size) must be a positive integer (or unset), got 0"
+
+
+APPLICATION_CONFIGS = [
+    SplitConfig,
+    FinetuneConfig,
+    ExperimentConfig,
+    NLIGraphConfig,
+    SimulatabilityConfig,
+    TabularConfig,
+]
+APPLICATION_FIELDS = [
+    (cls, field.name, kinds)
+    for cls in APPLICATION_CONFIGS
+    for field in dataclasses.fields(cls)
+    if (kinds := _kinds(typing.get_type_hints(cls)[field.name]))
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "kinds"), APPLICATION_FIELDS, ids=[f"{c.__name__}.{n}" for c, n, _ in APPLICATION_FIELDS]
+)
+def test_an_application_config_refuses_a_non_finite_or_mistyped_number(cls, name, kinds):
+    """The applications' and recipes' configs check types and finiteness of every number; ranges are their own."""
+    bad: list[typing.Any] = [math.nan, math.inf, True, "ten"] + ([] if float in kinds else [2.5])
+    for value in bad:
+        with pytest.raises(ConfigError, match=rf"^{name} must be "):
+            cls(**{name: value})

@@ -68,6 +68,26 @@ def check_number(
         raise ConfigError(f"{key} must be {wanted}, got {shown(value)}", key)
 
 
+def _number_kinds(annotation: Any) -> tuple[set[type], bool]:
+    """The number types (``int``, ``float``) a field's annotation admits, through unions, and whether it admits None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        kinds = set().union(*(_number_kinds(option)[0] for option in options))
+        return kinds, type(None) in options
+    return {annotation} & {int, float}, False
+
+
+def check_numeric_fields(config: Any, prefix: str = "") -> None:
+    """Refuse a wrongly typed or non-finite value in any ``int`` / ``float`` field of the dataclass ``config``,
+    naming ``prefix + field``; each config still checks its own ranges."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        kinds, optional = _number_kinds(hints[field.name])
+        if kinds:
+            value = getattr(config, field.name)
+            check_number(prefix + field.name, value, integer=float not in kinds, optional=optional)
+
+
 def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     """Refuse a value that is not one of ``allowed``, naming its config ``key`` (as :func:`check_number` does)."""
     if value not in allowed:

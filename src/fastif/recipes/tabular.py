@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import check_number, check_numeric_fields
 from ..data import TensorData
 from ..errors import ConfigError
 from ..influence import Influence
@@ -33,6 +34,14 @@ class TabularConfig:
     explain: int = 3
     k: int = 5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse non-finite or wrongly typed numbers and sizes that select nothing."""
+        check_numeric_fields(self)
+        check_number("l2", self.l2, minimum=0)
+        for name in ("test_size", "explain", "k"):
+            check_number(name, getattr(self, name), integer=True, minimum=1)
+        check_number("seed", self.seed, integer=True, minimum=0, below=2**32)
 
 
 def load_tabular(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

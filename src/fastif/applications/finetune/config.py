@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ...config import config_from_dict
+from ...config import check_numeric_fields, config_from_dict
 from ...errors import ConfigError
 from ...solvers import LiSSAConfig
 
@@ -43,6 +43,7 @@ class SplitConfig:
     eval_size: int = 0
 
     def __post_init__(self) -> None:
+        check_numeric_fields(self)
         if not (0 < self.anchor_fraction < 1 and 0 <= self.pool_fraction < 1):
             raise ConfigError("SplitConfig: need 0 < anchor_fraction < 1 and 0 <= pool_fraction < 1")
         if self.anchor_fraction + self.pool_fraction >= 1:
@@ -84,6 +85,7 @@ class FinetuneConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
+        check_numeric_fields(self)
         problems = self.problems()
         if problems:
             raise ConfigError(f"{type(self).__name__}: {'; '.join(problems)}")

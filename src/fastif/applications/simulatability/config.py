@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ...config import check_numeric_fields
 from ...errors import ConfigError
 from ...model.hf import L2_EXCLUDE
 
@@ -56,6 +57,7 @@ class SimulatabilityConfig:
 
     def __post_init__(self) -> None:
         """Refuse sizes and settings that cannot run, naming each bad option."""
+        check_numeric_fields(self)
         checks = {
             "n_correct": self.n_correct >= 0,
             "n_wrong": self.n_wrong >= 0,

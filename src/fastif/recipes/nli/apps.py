@@ -22,7 +22,7 @@ from ...applications.finetune.config import Experiment, FinetuneConfig, SplitCon
 from ...applications.finetune.run import ModelFactory, Progress, run_experiment
 from ...applications.influence_graph import compute_run
 from ...applications.simulatability import SimulatabilityConfig, run_simulatability
-from ...config import config_to_dict
+from ...config import check_numeric_fields, config_to_dict
 from ...data import Dataset
 from ...data.text import TextPairData, TextRecord
 from ...data.views import Subset
@@ -107,6 +107,7 @@ class NLIGraphConfig:
 
     def __post_init__(self) -> None:
         """Refuse sizes that cannot run."""
+        check_numeric_fields(self)
         if not (1 <= self.per_group <= self.scan and self.candidates >= 1 and self.top >= 1 and self.damping >= 0):
             raise ConfigError(
                 f"NLIGraphConfig: need 1 <= per_group ({self.per_group}) <= scan ({self.scan}), candidates >= 1, "
