@@ -97,6 +97,7 @@ def test_auto_scores_every_point_on_a_first_token_head_and_says_so(tiny, tmp_pat
     settings = {"candidates.method": "auto", "scoring.test_indices": [0], "solver.method": "cg", "solver.damping": 5.0}
     report = Pipeline(tiny_config(tiny, tmp_path / "auto", **settings)).explain()
     assert report["s_test"]["candidates"] == "all" and report["explained"][0]["candidates"] == 40
+    assert (report["s_test"]["residual_scope"], report["s_test"]["residual_examples"]) == ("full", 40)
     assert report["frozen"] == {"layers": "bert.encoder.layer", "first_layer": 2, "first_token_only": True}
     off = {**settings, "candidates.method": "all", "parameters.frozen": "off"}
     on_path, off_path = (Pipeline(tiny_config(tiny, tmp_path / name, **c)) for name, c in (("a", settings), ("b", off)))

@@ -13,6 +13,7 @@ PSD by construction, also on non-convex networks. It needs the outputs apart fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from .model.adapter import ModelAdapter
 
 HVPMethod = Literal["fwd-rev", "double-backward"]
 HessianKind = Literal["hessian", "gauss-newton"]
+ResidualScope = Literal["full", "sample"]
 OutputsFn = Callable[[Tensor, Batch], Any]
 LossFromOutputs = Callable[[Any, Batch], Tensor]
 
@@ -100,9 +102,10 @@ class Hessian:
     ``matvec`` averages exact batch Hessians over the whole set (weighted by batch size) and adds ``l2·m``;
     ``batch_matvec`` is the objective's Hessian on a subset (what stochastic solvers such as LiSSA sample).
     ``kind="gauss-newton"`` uses the Gauss-Newton matrix instead of the loss Hessian (module docstring).
-    ``sample_matvec`` is the objective's Hessian on a fixed sample: the whole set when it has at most
-    ``sample_size`` examples, else ``sample_size`` examples drawn once with ``sample_seed``; the solvers measure
-    their residual ‖(H + damping·I)s − v‖ / ‖v‖ on it, so checking a solve costs one bounded pass.
+    ``sample`` is a fixed subset for cheap residual checks: the whole set when it has at most ``sample_size``
+    examples, else ``sample_size`` examples drawn once with ``sample_seed``. The solvers check
+    their residual ‖(H + damping·I)s − v‖ / ‖v‖ through :meth:`residual_matvec`: on the full H when a pass over the
+    set fits their budget, else on this sample (another matrix on a large set, so it is labelled ``"sample"``).
     """
 
     def __init__(
@@ -169,11 +172,12 @@ class Hessian:
         """H v over the whole training set, for v of shape [P] or [k, P]."""
         return self._mean_matvec(range(self.num_examples), vectors)
 
-    def sample_matvec(self, vectors: Tensor) -> Tensor:
-        """H v over the fixed residual sample (the whole set when it is small; see the class docstring)."""
-        if len(self.sample) == self.num_examples:
-            return self.matvec(vectors)
-        return self._mean_matvec(self.sample, vectors)
+    def residual_matvec(self, vectors: Tensor, budget_examples: float = math.inf) -> tuple[Tensor, ResidualScope, int]:
+        """H v for a residual check, with its scope and example count: the full H when the set fits the sample or a
+        pass over it costs at most ``budget_examples`` example-HVPs (default: always), else the fixed sample's H."""
+        if len(self.sample) == self.num_examples or self.num_examples <= budget_examples:
+            return self.matvec(vectors), "full", self.num_examples
+        return self._mean_matvec(self.sample, vectors), "sample", len(self.sample)
 
     def batch_matvec(self, vectors: Tensor, indices: Sequence[int]) -> Tensor:
         """H_B v: the objective's Hessian on the examples ``indices`` only (mean loss + L2 term)."""

@@ -74,9 +74,19 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
             line += f"; ‖h‖ grew {max(growth):+.1%} from the third to the last quarter of the chains"
         line += "; settled" if s_test.get("converged") else "; not settled: raise --depth (or --damping)"
         line += " (norm traces in influence.json)"
+    if "relative_residual" in s_test:
+        line += f"; {_describe_residual(s_test)}"
     if s_test.get("converged") is False:  # the pipeline's one "did not settle" note on stderr already quoted them
         return line
     return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
+
+
+def _describe_residual(s_test: dict[str, Any]) -> str:
+    """The solve's relative residual and the matrix it was measured on (the full H, or the Hessian's sample)."""
+    residual, examples = s_test["relative_residual"], s_test["residual_examples"]
+    if s_test.get("residual_scope") == "sample":
+        return f"relative residual {residual:.2g} on a {examples:,}-example sample of H (not the full H solved)"
+    return f"relative residual {residual:.2g} on the full H ({examples:,} examples)"
 
 
 def _check_outputs(config: Any, index: bool, results: bool = True) -> None:

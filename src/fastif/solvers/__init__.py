@@ -15,8 +15,11 @@ Every solver inverts the same matrix ``H + damping·I``, where ``H`` is the Hess
 * :class:`Identity` returns ``v`` (``H`` replaced by ``I``): gradient similarity, single-checkpoint TracIn.
 
 Exact, CG, LiSSA and Arnoldi report ``relative_residual`` ‖(H + damping·I)s − v‖ / ‖v‖ (worst row; per row in
-``relative_residuals``) in their info, measured on the Hessian's fixed sample (:meth:`Hessian.sample_matvec`:
-all examples up to ``sample_size`` = 1024, else a seeded subsample of that many): one extra HVP pass per solve.
+``relative_residuals``) in their info, from one extra HVP pass per solve (:meth:`Hessian.residual_matvec`). Exact,
+CG and Arnoldi, which pass over the whole set anyway, measure it on the full H; LiSSA on the full H when the set
+has no more examples than its chains touched, else on the Hessian's fixed sample (all examples up to
+``sample_size`` = 1024, else a seeded subsample of that many), another matrix than the one solved.
+``residual_scope`` (``"full"`` | ``"sample"``) and ``residual_examples`` say which.
 """
 
 from .arnoldi import Arnoldi, ArnoldiConfig

@@ -65,19 +65,28 @@ class Solver(ABC):
         """Return ``(H + damping·I)⁻¹ v`` for each row of ``vectors`` ([k, P])."""
 
 
-def residual_info(hessian: Hessian, x: Tensor, vectors: Tensor, damping: float) -> dict[str, Any]:
-    """Each row's relative residual ‖(H + damping·I)x − v‖ / ‖v‖ on the Hessian's fixed sample (one HVP pass).
+def residual_info(
+    hessian: Hessian, x: Tensor, vectors: Tensor, damping: float, budget_examples: float = math.inf
+) -> dict[str, Any]:
+    """Each row's relative residual ‖(H + damping·I)x − v‖ / ‖v‖, from one HVP pass (:meth:`Hessian.residual_matvec`).
 
-    ``relative_residual`` is the largest; ``residual_examples`` says how many training examples the sample holds.
+    Measured on the full H unless a pass over it costs more than ``budget_examples`` example-HVPs (solvers that make
+    full passes anyway leave the default: always full); then on the Hessian's fixed sample. ``relative_residual`` is
+    the largest row's, ``residual_scope`` says ``"full"`` or ``"sample"`` and ``residual_examples`` how many
+    training examples that matrix averages.
     """
-    matvec = getattr(hessian, "sample_matvec", hessian.matvec)  # operators without a sample: their full H
-    residual = matvec(x) + damping * x - vectors
+    if hasattr(hessian, "residual_matvec"):
+        product, scope, examples = hessian.residual_matvec(x, budget_examples)
+    else:  # an operator without a sample: its full H
+        product, scope, examples = hessian.matvec(x), "full", hessian.num_examples
+    residual = product + damping * x - vectors
     norms = vectors.norm(dim=1).clamp_min(torch.finfo(vectors.dtype).tiny)
     residuals = (residual.norm(dim=1) / norms).tolist()
     return {
         "relative_residual": max(residuals),
         "relative_residuals": residuals,
-        "residual_examples": getattr(hessian, "sample_examples", hessian.num_examples),
+        "residual_scope": scope,
+        "residual_examples": examples,
     }
 
 

@@ -26,9 +26,10 @@ class LiSSAConfig:
     """FastIF's stochastic recursion; ``scale=None`` picks ``scale_margin`` × the top batch-Hessian eigenvalue.
 
     **Automatic mode** (``depth=None``, the default): chains run in attempts of doubling depth, each warm-started
-    from the last estimate, until the relative residual ‖(H + damping·I)s − v‖ / ‖v‖ on the Hessian's fixed sample
-    is at most ``target_residual`` (0.05) or the next attempt would pass ``max_steps`` (steps summed over chains
-    and attempts); then it warns and says so in the info. Unset options are chosen: ``batch_size`` starts at
+    from the last estimate, until the relative residual ‖(H + damping·I)s − v‖ / ‖v‖ (on the full H once the
+    example-HVPs spent so far reach the set's size, before that on the Hessian's fixed sample) is at most
+    ``target_residual`` (0.05) or the next attempt would pass ``max_steps`` (steps summed over chains and
+    attempts); then it warns and says so in the info. Unset options are chosen: ``batch_size`` starts at
     min(n, 32) and doubles with the depth, 2 ``repeats``, ``tail_average`` 0.5; set ones are kept as given.
 
     **Fixed mode** (``depth`` set): exactly the given recursion, unset options at FastIF's values (``batch_size``
@@ -201,22 +202,28 @@ class LiSSA(Solver, name="lissa"):
         estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
         info = self.diagnostics(torch.stack([trace for _, trace in chains]))
         self.warn_if_unsettled(info, stacklevel=3)
-        return SolveResult(estimate, {**info, **residual_info(hessian, estimate, vectors, self.config.damping)})
+        work = self.repeats * self.depth * self.batch_size  # the check may cost what the solve did: full H if N fits
+        return SolveResult(estimate, {**info, **residual_info(hessian, estimate, vectors, self.config.damping, work)})
 
     def _solve_adaptive(self, vectors: Tensor) -> SolveResult:
         """Attempts of doubling depth (and batch size, if unset), warm-started, until the residual target is met."""
         hessian, config = self._fitted(), self.config
-        depth, batch_size, start, steps, attempts = self.depth, self.batch_size, None, 0, []
+        depth, batch_size, start, steps, work, attempts = self.depth, self.batch_size, None, 0, 0, []
         while True:
             stream = len(attempts)
             chains = [
                 self._chain(vectors, r, depth, batch_size, start, (config.seed, r, stream)) for r in range(self.repeats)
             ]
             estimate = torch.stack([chain for chain, _ in chains]).mean(dim=0)
-            steps += self.repeats * depth
-            residual = residual_info(hessian, estimate, vectors, config.damping)
+            steps, work = steps + self.repeats * depth, work + self.repeats * depth * batch_size
+            residual = residual_info(hessian, estimate, vectors, config.damping, work)  # full H once N ≤ work
             attempts.append(
-                {"depth": depth, "batch_size": batch_size, "relative_residual": residual["relative_residual"]}
+                {
+                    "depth": depth,
+                    "batch_size": batch_size,
+                    "relative_residual": residual["relative_residual"],
+                    "residual_scope": residual["residual_scope"],
+                }
             )
             settled = residual["relative_residual"] <= config.target_residual
             if settled or steps + 2 * self.repeats * depth > config.max_steps:
@@ -227,9 +234,10 @@ class LiSSA(Solver, name="lissa"):
         info.update(residual, converged=settled, attempts=attempts, steps=steps, target_residual=config.target_residual)
         if not settled:
             warnings.warn(
-                f"LiSSA stopped at relative residual {residual['relative_residual']:.3g} > target "
-                f"{config.target_residual:g} after {steps} steps (budget max_steps={config.max_steps}; last attempt "
-                f"depth {depth}, batch {batch_size}); raise max_steps or damping, or use CG",
+                f"LiSSA stopped at relative residual {residual['relative_residual']:.3g} (on the "
+                f"{residual['residual_scope']} H) > target {config.target_residual:g} after {steps} steps (budget "
+                f"max_steps={config.max_steps}; last attempt depth {depth}, batch {batch_size}); raise max_steps or "
+                "damping, or use CG",
                 RuntimeWarning,
                 stacklevel=3,
             )
