@@ -148,7 +148,8 @@ class Influence:
         self.candidate_config = candidates or CandidateConfig()
         self.index: CandidateIndex | None = None
         self.split = find_split(adapter, frozen)
-        if self.score_config.method == "auto" and self.split is not None and self.split.first_token_only:
+        first_token = self.split is not None and self.split.first_token_only
+        if self.score_config.method == "auto" and first_token and not self.score_config.casts:
             # a first-token head is so small that materialising its per-example gradients costs more than one
             # JVP pass per test point (the numbers are the same: tests/test_frozen.py)
             self.score_config = replace(self.score_config, method="jvp")

@@ -18,7 +18,7 @@ from ..config import config_to_dict
 from ..errors import DataError, ModelError, StoreError
 from ..fingerprint import fingerprint_parameters, fingerprint_tensors
 from ..hvp import Hessian
-from ..scores import ScoreConfig, choose_method, score_matrix
+from ..scores import ScoreConfig, choose_method, score_dtype, score_matrix
 from ..solvers import LiSSA, LiSSAConfig, SolveResult, solver_from_config
 from ..store import Store
 from .config import Build, RunnerConfig
@@ -238,8 +238,9 @@ class Runner(RankGroup):
         shards = math.ceil(len(positions) / size)
         plan = self._plan_fingerprint(s_test, positions, score)
         header = {"model": self._fingerprint(), "k": s_test.shape[0], "p": s_test.shape[1], "n": len(positions)}
-        header.update(dtype=s_test.dtype, shard_size=size, score=score, plan=plan, prefix=prefix, shards=shards)
-        result = torch.zeros(s_test.shape[0], len(positions), dtype=s_test.dtype, device=self.device)
+        dtype = score_dtype(score, s_test)
+        header.update(dtype=dtype, shard_size=size, score=score, plan=plan, prefix=prefix, shards=shards)
+        result = torch.zeros(s_test.shape[0], len(positions), dtype=dtype, device=self.device)
         done = self._load_shards(store, header, result) if store is not None else []
         header.update(done=done, todo=[shard for shard in range(shards) if shard not in set(done)])
         return header, {"s_test": s_test, "indices": positions, "result": result}
