@@ -21,17 +21,18 @@ LAYERS: list[tuple[str, ...]] = [
     ("grads", "hvp", "projection"),  # 3 derivatives, projected gradients
     ("solvers", "candidates", "scores"),  # 4 inverse-HVP, kNN, scores
     ("store", "runner", "gradient_store"),  # 5 storage, parallel runs, the gradient store
-    ("influence", "__init__", "callbacks"),  # 6 the facade, the public API, the HF Trainer callback
-    ("pipeline", "applications"),  # 7 end to end, applications
-    ("recipes",),  # 8 domains (NLI/MiniLM, tabular)
-    ("cli",),  # 9 the command line
+    ("influence",),  # 6 the facade
+    ("checkpoints", "__init__", "callbacks"),  # 7 checkpoint TracIn / ensembles, the public API, the HF callback
+    ("pipeline", "applications"),  # 8 end to end, applications
+    ("recipes",),  # 9 domains (NLI/MiniLM, tabular)
+    ("cli",),  # 10 the command line
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 CORE = (
     "data", "model", "grads", "hvp", "projection", "solvers", "candidates", "scores", "store", "runner",
-    "gradient_store", "recall", "influence",
+    "gradient_store", "recall", "influence", "checkpoints",
 )  # fmt: skip
-INFLUENCE = ("influence", "solvers", "scores", "grads", "hvp", "runner", "pipeline", "applications")
+INFLUENCE = ("influence", "checkpoints", "solvers", "scores", "grads", "hvp", "runner", "pipeline", "applications")
 
 
 def _module_name(path: Path) -> list[str]:

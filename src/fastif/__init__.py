@@ -1,5 +1,6 @@
 """fastif: fast influence functions. ``score = ∇L(test)ᵀ (H + damping·I)⁻¹ ∇L(train)``; positive = helpful."""
 
+from .checkpoints import CheckpointInfluence
 from .data import Dataset, TensorData
 from .data.documents import LMDocuments
 from .errors import FastIFError
@@ -42,6 +43,7 @@ __all__ = [
     "ArnoldiConfig",
     "CGConfig",
     "CandidateScores",
+    "CheckpointInfluence",
     "Dataset",
     "EKFACConfig",
     "Exact",
