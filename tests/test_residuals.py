@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import squared_error
 
-from fastif import CG, Arnoldi, Exact, Hessian, LiSSA
+from fastif import CG, AdapterConfig, Arnoldi, Exact, Hessian, LiSSA, TensorData, TorchAdapter
 from fastif.cli.pipeline import _describe_s_test
 
 
@@ -78,3 +79,25 @@ def test_the_cli_line_names_the_matrix_the_residual_was_measured_on():
     assert "relative residual 0.044 on a 1,024-example sample of H (not the full H solved)" in _describe_s_test(sample)
     full = {"method": "cg", "relative_residual": 3e-9, "residual_scope": "full", "residual_examples": 8000}
     assert _describe_s_test(full) == "s_test: cg; relative residual 3e-09 on the full H (8,000 examples)"
+
+
+def test_automatic_lissa_is_settled_by_the_full_h_only_never_by_the_sample():
+    """5,000 examples, a 30-example sample: the first attempts touch fewer examples than the set holds, so they are
+    checked on the sample; though one of them meets the target there, only the full-H check may stop the solve."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 10, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(10, generator=generator, dtype=torch.float64)
+    model = torch.nn.Linear(10, 1, bias=False).double()
+    adapter = TorchAdapter(model, squared_error, AdapterConfig(l2=1e-2))
+    hessian = Hessian(adapter, TensorData((x, y)), batch_size=5000, sample_size=30)
+    vectors = torch.randn(1, 10, dtype=torch.float64, generator=generator)
+    result = LiSSA(batch_size=1, target_residual=0.5).fit(hessian).solve(vectors)
+    attempts = result.info["attempts"]
+    *sampled, last = attempts
+    assert {attempt["residual_scope"] for attempt in sampled} == {"sample"} and last["residual_scope"] == "full"
+    assert min(attempt["relative_residual"] for attempt in sampled) <= 0.5  # the sample alone would have stopped it
+    assert result.info["converged"] and (result.info["residual_scope"], result.info["residual_examples"]) == (
+        "full",
+        5000,
+    )
+    assert result.info["relative_residual"] == pytest.approx(_closed_form_residuals(x, 1e-2, 0.0, result.x, vectors)[0])
