@@ -10,7 +10,7 @@ then scored against each s_test through the facade. Reported: ‖s_lissa − s_c
 Spearman, the overlap of the top-10 helpful and harmful, each solve's time and residual (with its scope), and the
 CG solution's residual as the Hessian's fixed 1,024-example sample would measure it.
 
-    python -m benchmarks.bench_lissa_vs_cg --n-train 8000 --n-test 5 --targets 0.02
+    python -m benchmarks.bench_lissa_vs_cg --n-train 8000 --n-test 5 --targets 0.01 0.005
 """
 
 from __future__ import annotations
