@@ -85,3 +85,13 @@ def test_the_browser_comes_from_the_environment(tmp_path: Path, monkeypatch: pyt
     assert find_browser() == browser
     monkeypatch.setenv(BROWSER_ENV, str(tmp_path / "absent"))
     assert find_browser() is None
+
+
+def test_indices_outside_a_data_set_are_refused_in_one_line():
+    from fastif.data.base import checked_indices
+    from fastif.errors import DataError
+
+    assert checked_indices([0, 2.0, 4], 5, "documents") == [0, 2, 4]
+    for bad in ([5], [-1], [0, 9]):
+        with pytest.raises(DataError, match=r"^indices out of range for a data set of 5 documents$"):
+            checked_indices(bad, 5, "documents")

@@ -77,6 +77,14 @@ class TensorData:
         return TensorData(self.batch(indices))
 
 
+def checked_indices(indices: Sequence[int], size: int, what: str) -> list[int]:
+    """``indices`` as ints; DataError if one lies outside a data set of ``size`` ``what`` (e.g. "documents")."""
+    index = [int(i) for i in indices]
+    if any(i < 0 or i >= size for i in index):
+        raise DataError(f"indices out of range for a data set of {size} {what}")
+    return index
+
+
 def as_dataset(data: Any) -> Dataset:
     """Accept a Dataset, or a tensor / tuple / dict of tensors (wrapped as :class:`TensorData`)."""
     if isinstance(data, Dataset) and not isinstance(data, Tensor | tuple | list | Mapping):

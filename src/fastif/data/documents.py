@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .base import checked_indices
 from .files import numbered_jsonl
 
 LossOn = Literal["completion", "all"]
@@ -115,10 +116,7 @@ class LMDocuments:
         return len(self._ids)
 
     def _check(self, indices: Sequence[int]) -> list[int]:
-        index = [int(i) for i in indices]
-        if any(i < 0 or i >= len(self) for i in index):
-            raise DataError(f"indices out of range for a corpus of {len(self)} documents")
-        return index
+        return checked_indices(indices, len(self), "documents")
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt tokens and padding)."""

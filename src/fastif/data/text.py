@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .base import checked_indices
 
 
 @dataclass(frozen=True)
@@ -170,10 +171,7 @@ class TextPairData:
         return len(self.records)
 
     def _check(self, indices: Sequence[int]) -> list[int]:
-        index = [int(i) for i in indices]
-        if any(i < 0 or i >= len(self) for i in index):
-            raise DataError(f"indices out of range for a data set of {len(self)} examples")
-        return index
+        return checked_indices(indices, len(self), "examples")
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         """Collate examples ``indices`` into right-padded long tensors (width = longest example in the batch)."""
