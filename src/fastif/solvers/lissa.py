@@ -31,9 +31,9 @@ class LiSSAConfig:
     it below 0.05, ``benchmarks/results/lissa_vs_cg.json``), or the next attempt would pass ``max_steps`` (steps
     summed over chains and attempts). The full H is checked once the example-HVPs spent so far reach the set's
     size; before that the Hessian's fixed sample is, and its residual never settles a solve (on a large set it is
-    another matrix). If
-    the budget runs out first it warns and says so in the info. Unset options are chosen: ``batch_size`` starts at
-    min(n, 32) and doubles with the depth, 2 ``repeats``, ``tail_average`` 0.5; set ones are kept as given.
+    another matrix). If the budget runs out first it warns and says so in the info. Unset options are chosen:
+    ``batch_size`` starts at min(n, 32) and doubles with the depth, 2 ``repeats``, ``tail_average`` 0.5; set ones
+    are kept as given.
 
     **Fixed mode** (``depth`` set): exactly the given recursion, unset options at FastIF's values (``batch_size``
     1, 1 repeat, last iterate); :meth:`from_fastif` names FastIF's literal setting. Each chain ``r`` draws its
