@@ -590,3 +590,10 @@ def test_an_unsettled_s_test_is_one_note_on_stderr_not_repeated_on_stdout(tiny, 
     notes = [line for line in err.splitlines() if "did not settle" in line]
     assert len(notes) == 1 and notes[0].startswith("fastif: note: s_test (lissa) did not settle")
     assert "not settled: raise --depth" in out and "note: LiSSA" not in out
+
+
+def test_a_huge_damping_reports_a_residual_that_is_not_finite_in_one_line(tiny, tmp_path, capsys):
+    """Found by the fuzz test: a damping near float32's maximum makes the residual overflow; the run still ends."""
+    argv = [*tiny_args(tiny, tmp_path / "out"), "--test-indices", "0", "--damping", "3.4028235677973366e+38"]
+    assert run(["influence", *argv]) in (0, 2)
+    assert "Traceback" not in capsys.readouterr().err

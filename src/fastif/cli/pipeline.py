@@ -84,9 +84,10 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
 def _describe_residual(s_test: dict[str, Any]) -> str:
     """The solve's relative residual and the matrix it was measured on (the full H, or the Hessian's sample)."""
     residual, examples = s_test["relative_residual"], s_test["residual_examples"]
+    shown = "not finite" if residual is None else f"{residual:.2g}"  # the report writes NaN and Inf as null
     if s_test.get("residual_scope") == "sample":
-        return f"relative residual {residual:.2g} on a {examples:,}-example sample of H (not the full H solved)"
-    return f"relative residual {residual:.2g} on the full H ({examples:,} examples)"
+        return f"relative residual {shown} on a {examples:,}-example sample of H (not the full H solved)"
+    return f"relative residual {shown} on the full H ({examples:,} examples)"
 
 
 def _check_outputs(config: Any, index: bool, results: bool = True) -> None:
