@@ -21,7 +21,9 @@ from test_pipeline import make_checkpoint, write_jsonl
 from fastif.cli import run
 from fastif.recipes.nli import load_embedded
 
-QUICK = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+QUICK = settings(  # the default run draws the same cases every time, so CI cannot fail by chance; -m extended explores
+    max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+)
 LONG = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 NUMERIC_FLAGS = (
