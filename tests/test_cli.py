@@ -597,3 +597,10 @@ def test_a_huge_damping_reports_a_residual_that_is_not_finite_in_one_line(tiny, 
     argv = [*tiny_args(tiny, tmp_path / "out"), "--test-indices", "0", "--damping", "3.4028235677973366e+38"]
     assert run(["influence", *argv]) in (0, 2)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_more_candidates_than_training_points_is_one_line_after_the_plan(tiny, tmp_path, capsys):
+    """Found by the extended fuzz test: the plan's timed sample must not index past the training set."""
+    argv = [*tiny_args(tiny, tmp_path / "out"), "--test-indices", "0", "--candidates", "500"]
+    assert run(["influence", *argv]) == 2
+    assert "candidates.count=500 exceeds the 30 training points" in one_line_error(capsys)

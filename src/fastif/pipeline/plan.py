@@ -83,7 +83,7 @@ def query_plan(pipeline: Pipeline) -> str:
     batch = list(range(min(config.solver.batch_size, hessian.num_examples)))
     step = min(_seconds(lambda: hessian.batch_matvec(vectors, batch)) for _ in range(2))  # the first warms up
     count = len(pipeline.train) if pipeline.candidate_method == "all" else config.candidates.count or 0
-    sample = list(range(min(count, config.scoring.batch_size)))
+    sample = list(range(min(count, config.scoring.batch_size, len(pipeline.train))))  # too large: refused later
     timed = min(_seconds(lambda: influence.score_s_test(vectors, sample)) for _ in range(2))
     scores = timed / max(len(sample), 1) * count
     scoring = f"scores of {count:,} training points per test point ≈ {_duration(scores)} for all {rows}"
