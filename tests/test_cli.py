@@ -604,3 +604,9 @@ def test_more_candidates_than_training_points_is_one_line_after_the_plan(tiny, t
     argv = [*tiny_args(tiny, tmp_path / "out"), "--test-indices", "0", "--candidates", "500"]
     assert run(["influence", *argv]) == 2
     assert "candidates.count=500 exceeds the 30 training points" in one_line_error(capsys)
+
+
+def test_a_max_length_below_the_special_tokens_is_one_line(tiny, tmp_path, capsys):
+    """Found by the extended fuzz test: the tokenizer cannot cut a pair to 2 tokens and silently returned it whole."""
+    assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--max-length", "2"]) == 2
+    assert "--max-length (data.max_length) is 2 but a pair needs at least 5 tokens" in one_line_error(capsys)

@@ -61,6 +61,13 @@ def _max_length(loaded: LoadedModel, data: DataConfig) -> int:
             f"set it to {positions} or less",
             "data.max_length",
         )
+    shortest = loaded.tokenizer.num_special_tokens_to_add(pair=data.text_pair_column is not None) + 2
+    if data.max_length < shortest:  # the tokenizer cannot truncate below its special tokens and returns full pairs
+        raise ConfigError(
+            f"--max-length (data.max_length) is {data.max_length} but a pair needs at least {shortest} tokens "
+            "(its special tokens and one token of each text)",
+            "data.max_length",
+        )
     return data.max_length
 
 
