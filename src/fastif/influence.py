@@ -206,14 +206,17 @@ class Influence:
     def cached_training_pass(self) -> bool:
         """Run the one pass over the training set now (activations on the frozen path, else kNN features), from
         ``cache`` where it holds it; True if it was loaded rather than computed."""
-        if self.cache is None:
-            loaded = False
-        elif self.split is not None:
-            loaded = has_encoding(self.cache, self.split)
-        else:
-            loaded = self.cache.has(FEATURES_ENTRY)
+        loaded = self.training_pass_cached()
         self.train_features  # noqa: B018
         return loaded
+
+    def training_pass_cached(self) -> bool:
+        """Whether ``cache`` already holds the training pass (activations on the frozen path, else kNN features)."""
+        if self.cache is None:
+            return False
+        if self.split is not None:
+            return has_encoding(self.cache, self.split)
+        return self.cache.has(FEATURES_ENTRY)
 
     def prepare(self, test: Any) -> _Prepared:
         """``test`` as the working adapter reads it, with its features when the frozen pass computed them."""

@@ -48,7 +48,6 @@ SEMANTICS = (
     "score = ∇L(test)ᵀ (H + damping·I)⁻¹ ∇L(train) over the selected parameters; positive = helpful: removing "
     "the training point is predicted to raise the test loss (against its gold label) by score / n"
 )
-FEATURES_ENTRY = "train_features"
 FAISS_FOLDER = "faiss"
 
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data import length_order
-from ..store.artifacts import has_encoding
 
 if TYPE_CHECKING:
     from .core import Pipeline
@@ -54,7 +53,11 @@ def pass_plan(pipeline: Pipeline) -> str:
     influence, n = pipeline.influence, len(pipeline.train)
     what = "frozen-bottom pass" if influence.split is not None else "feature pass"
     with pipeline._open_store() as store:
-        cached = has_encoding(store, influence.split) if influence.split is not None else store.has("train_features")
+        influence.cache = store
+        try:
+            cached = influence.training_pass_cached()
+        finally:
+            influence.cache = None
     if cached:
         return f"plan: the {what} over {n:,} training points is in the cache ({store.folder}): reused"
     return (
