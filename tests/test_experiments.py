@@ -20,7 +20,14 @@ from fastif.applications.finetune.run import (
     sgd_step,
     trainable_adapter,
 )
-from fastif.applications.finetune.summary import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE, summarise
+from fastif.applications.finetune.summary import (
+    CONFIG_FILE,
+    PLOT_FILE,
+    RESULTS_FILE,
+    TABLE_FILE,
+    published_comparison,
+    summarise,
+)
 from fastif.cli.applications import add_experiment_commands
 from fastif.cli.applications import experiment_config_from_args as config_from_args
 from fastif.config import config_to_dict, save_config
@@ -283,3 +290,17 @@ def test_quick_experiment_smoke_run_writes_results(tmp_path, factory, experiment
     assert "Test-loss change" in (output / TABLE_FILE).read_text()
     assert results["environment"]["start"]["loadavg"] and results["setup"]["lissa_scale"] > 0
     assert "| anchors from |" in capsys.readouterr().out
+
+
+def test_published_comparison_closed_form():
+    """Per-seed helpful gains 3, 2, 4, 3, 3 (mean 3, sd √0.5) against 2.5: t = 0.5 / (√0.5 / √5) = 1.581 on 4 df,
+    two-sided p = 0.189; against random (all 0) the paired t is 3 / 0.3162 = 9.487, p = 6.9e-4."""
+    gains = [3.0, 2.0, 4.0, 3.0, 3.0]
+    curves = {("g", "helpful", "g"): [[0.0, g] for g in gains], ("g", "random", "g"): [[0.0, 0.0]] * 5}
+    comparison = published_comparison(curves, ["g"], {"published": {"source": "paper", "gain_points": 2.5}})
+    assert comparison["helpful_mean"] == pytest.approx(3.0)
+    assert comparison["p_helpful_vs_published"] == pytest.approx(0.189, abs=1e-3)
+    assert comparison["p_helpful_vs_random"] == pytest.approx(6.9e-4, rel=0.02)
+    one_seed = {("g", "helpful", "g"): [[0.0, 1.0]], ("g", "random", "g"): [[0.0, 0.0]]}
+    single = published_comparison(one_seed, ["g"], {"published": {"source": "paper", "gain_points": 2.5}})
+    assert single["p_helpful_vs_random"] is None and single["p_helpful_vs_published"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fastif.errors import ConfigError, DataError, StoreError
 from fastif.model.hf import freeze_lower_layers, is_l2_parameter, l2_penalty, load_classifier
 from fastif.model.predict import model_inputs, predict_logits
 from fastif.recipes.nli import (
+    MNLI_TRAIN_PAIRS,
+    MNLI_VALIDATION_PAIRS,
     NLI2_LABELS,
     NLI3_LABELS,
     NLITrainConfig,
@@ -168,7 +171,10 @@ def test_embedded_sets():
 
 def test_mnli_split_is_fixed_and_disjoint():
     splits = {name: load_embedded(f"mnli_{name}") for name in ("train", "validation", "test")}
-    assert {name: len(records) for name, records in splits.items()} == {"train": 8000, "validation": 815, "test": 1000}
+    assert {name: len(records) for name, records in splits.items()} == {"train": 8001, "validation": 814, "test": 1000}
+    assert (len(splits["train"]), len(splits["validation"])) == (MNLI_TRAIN_PAIRS, MNLI_VALIDATION_PAIRS)
+    premises = [{r.text for r in records} for records in splits.values()]
+    assert all(not (a & b) for a, b in itertools.combinations(premises, 2)), "a premise is in two parts"
     ids = [{r.id for r in records} for records in splits.values()]
     assert sum(len(s) for s in ids) == 9815 and set.union(*ids) == {r.id for r in load_embedded("mnli")}
     assert [r.id for r in load_embedded("mnli_validation")] == [r.id for r in splits["validation"]]

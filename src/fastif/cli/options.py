@@ -254,7 +254,7 @@ TRAIN = (
         ),
         _Option(("--base-model",), "model.recipe.base_model", "'minilm' (bundled), a checkpoint folder, or a hub name"),
         _Option(
-            ("--train-size",), "model.recipe.train_size", "training pairs from the bundled MNLI split (<= 8000)", int
+            ("--train-size",), "model.recipe.train_size", "training pairs from the bundled MNLI split (<= 8001)", int
         ),
         _Option(("--epochs",), "model.recipe.epochs", "passes over the training pairs", int),
         _Option(("--lr",), "model.recipe.lr", "Adam learning rate", float),

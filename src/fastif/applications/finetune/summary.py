@@ -57,7 +57,37 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         own_means = [summary["own_group"][group][mode]["mean"] for group in groups]
         summary["own_group"].setdefault("mean", {})[mode] = {"mean": statistics.fmean(own_means), "n": len(groups)}
     summary["anchor_loss_change"] = _anchor_loss_changes(results)
+    if results.get("published") and {"helpful", "random"} <= set(modes):
+        summary["published_comparison"] = published_comparison(curves, groups, results)
     return summary
+
+
+def per_seed_gains(curves: dict[tuple[str, str, str], list[list[float]]], groups: list[str], mode: str) -> list[float]:
+    """Per seed, the final accuracy change (points) on each group's own test part, averaged over the groups."""
+    finals = [[curve[-1] for curve in curves[(group, mode, group)]] for group in groups]
+    return [statistics.fmean(values) for values in zip(*finals, strict=True)]
+
+
+def published_comparison(
+    curves: dict[tuple[str, str, str], list[list[float]]], groups: list[str], results: dict[str, Any]
+) -> dict[str, Any]:
+    """The helpful mode's per-seed gain against random (paired t-test over seeds) and against the published gain
+    (one-sample t-test); p-values are two-sided and ``None`` where fewer than two seeds ran."""
+    from scipy import stats
+
+    helpful, random = per_seed_gains(curves, groups, "helpful"), per_seed_gains(curves, groups, "random")
+    published = float(results["published"]["gain_points"])
+    differences = [h - r for h, r in zip(helpful, random, strict=True)]
+    enough = len(helpful) > 1 and len(set(differences)) > 1
+    return {
+        **results["published"],
+        "helpful_per_seed": helpful,
+        "random_per_seed": random,
+        "helpful_mean": statistics.fmean(helpful),
+        "helpful_minus_random_mean": statistics.fmean(differences),
+        "p_helpful_vs_random": float(stats.ttest_rel(helpful, random).pvalue) if enough else None,
+        "p_helpful_vs_published": float(stats.ttest_1samp(helpful, published).pvalue) if enough else None,
+    }
 
 
 def _anchor_loss_changes(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -107,6 +137,8 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     lines += ["", "Change of the anchors' own mean loss over one step (all steps, groups and seeds):", ""]
     lines += ["| " + " | ".join(modes) + " |", "|" + "---|" * len(modes)]
     lines.append("| " + " | ".join(_loss_cell(loss[m]) for m in modes) + " |")
+    if "published_comparison" in summary:
+        lines += ["", *_published_lines(summary["published_comparison"])]
     solves = [s["solver"] for run in results["runs"] for s in run["steps"] if s["solver"]]
     if solves:
         settled = sum(bool(solve.get("converged")) for solve in solves)
@@ -125,6 +157,22 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     if command:
         lines += ["", "Command:", "", "```bash", command, "```"]
     return "\n".join(lines) + "\n"
+
+
+def _published_lines(comparison: dict[str, Any]) -> list[str]:
+    """The paired comparison with the published gain, as a sentence per test."""
+
+    def p(value: float | None) -> str:
+        return "n/a (one seed)" if value is None else f"{value:.3g}"
+
+    seeds = ", ".join(f"{value:+.2f}" for value in comparison["helpful_per_seed"])
+    return [
+        f"Against {comparison['source']}'s published gain of {comparison['gain_points']:+.1f} points: helpful's "
+        f"per-seed gain (mean over groups) {seeds}, mean {comparison['helpful_mean']:+.2f}; helpful − random "
+        f"{comparison['helpful_minus_random_mean']:+.2f} (paired t-test over seeds, p = "
+        f"{p(comparison['p_helpful_vs_random'])}); helpful against {comparison['gain_points']:+.1f} (one-sample "
+        f"t-test, p = {p(comparison['p_helpful_vs_published'])})."
+    ]
 
 
 def _load(env: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from .data import (
     EMBEDDED_NAMES,
     MNLI_SPLIT_SIZES,
+    MNLI_TRAIN_PAIRS,
+    MNLI_VALIDATION_PAIRS,
     NLI2_LABEL_MAP,
     NLI2_LABELS,
     NLI3_LABELS,
@@ -38,6 +40,8 @@ __all__ = [
     "EMBEDDED_NAMES",
     "MINILM_HUB_NAME",
     "MNLI_SPLIT_SIZES",
+    "MNLI_TRAIN_PAIRS",
+    "MNLI_VALIDATION_PAIRS",
     "NLI2_LABELS",
     "NLI2_LABEL_MAP",
     "NLI3_LABELS",

