@@ -1,6 +1,6 @@
 """Python API defaults that explain themselves (issue 17, item 6): CG and Exact on an indefinite Hessian say which
 damping would do, Exact refuses cheaply, self-influence with an iterative solver warns, an unsettled pipeline
-solve warns."""
+solve warns, and the pipeline and CLI solve with the API's LiSSA defaults."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 import fastif
 from fastif.errors import SolverError
 from fastif.hvp import Hessian
-from fastif.pipeline import Pipeline, solver_config
+from fastif.pipeline import Pipeline, PipelineConfig, solver_config
 from fastif.pipeline.config import SolverStageConfig
 from fastif.solvers import LiSSAConfig
 
@@ -104,12 +104,32 @@ def test_a_pipeline_solve_that_did_not_settle_warns(tiny, tmp_path):  # noqa: F8
         assert Pipeline(tiny_config(tiny, tmp_path / "b", **settings)).explain()["s_test"]["converged"] is True
 
 
-def test_the_pipeline_lissa_default_is_the_documented_fixed_mode():
-    """``LiSSA()`` is the automatic mode; the pipeline/CLI default is FastIF's fast s_test with these settings
-    (docs/cli.md, LiSSAConfig's docstring): one set of numbers, pinned here."""
+def _cli_lissa(*argv: str) -> LiSSAConfig:
+    """The LiSSAConfig ``fastif influence ARGV`` would solve with (through the pipeline's own mapping)."""
+    from fastif.cli import build_parser
+    from fastif.cli.options import _pipeline_config
+
+    pipeline = Pipeline(_pipeline_config(build_parser().parse_args(["influence", *argv])))
+    _, repeats = pipeline._workers()
+    return solver_config(pipeline.config.solver, pipeline.config.seed, repeats)
+
+
+def test_the_pipeline_and_cli_lissa_default_is_the_apis_automatic_mode():
+    """One set of LiSSA defaults: ``Pipeline`` (and so ``fastif demo`` / ``influence``) solves with ``LiSSAConfig()``
+    (automatic depth, batch, tail, chains and residual target), only the recipe's damping set."""
     stage = SolverStageConfig(damping=0.3)
-    expected = LiSSAConfig(
-        damping=0.3, depth=500, batch_size=1, tail_average=0.5, repeats=2, scale_samples=4, power_iterations=10
-    )
-    assert solver_config(stage, seed=0, repeats=2) == expected
-    assert LiSSAConfig().adaptive and not expected.adaptive
+    assert solver_config(stage, seed=0, repeats=None) == LiSSAConfig(damping=0.3)
+    default = Pipeline(PipelineConfig())
+    _, repeats = default._workers()
+    solved = solver_config(default.config.solver, default.config.seed, repeats)
+    assert solved == LiSSAConfig(damping=default.config.solver.damping) and solved.adaptive
+    assert _cli_lissa() == solved
+    assert (solved.depth, solved.batch_size, solved.tail_average, solved.repeats) == (None, None, None, None)
+    assert solved.target_residual == LiSSAConfig().target_residual  # the chain count: test_cli's automatic run
+
+
+def test_the_cli_flags_give_fastifs_fixed_mode_and_the_automatic_mode_its_options():
+    fixed = _cli_lissa("--depth", "500", "--lissa-batch", "1", "--tail-average", "0.5", "--workers", "2")
+    assert not fixed.adaptive and (fixed.depth, fixed.batch_size, fixed.tail_average, fixed.repeats) == (500, 1, 0.5, 2)
+    tuned = _cli_lissa("--target-residual", "0.05", "--max-steps", "900", "--repeats", "3")
+    assert tuned == LiSSAConfig(damping=tuned.damping, target_residual=0.05, max_steps=900, repeats=3)

@@ -165,7 +165,11 @@ def test_a_non_integer_k_is_refused_by_the_facade():
     ("make", "key", "needle"),
     [
         (lambda: SolverStageConfig(damping=math.inf), "solver.damping", "a finite number >= 0 (or unset), got inf"),
-        (lambda: SolverStageConfig(tail_average=1.0), "solver.tail_average", "a finite number >= 0 and < 1, got 1.0"),
+        (
+            lambda: SolverStageConfig(tail_average=1.0),
+            "solver.tail_average",
+            "a finite number >= 0 and < 1 (or unset), got 1.0",
+        ),
         (lambda: ScoringConfig(top_k=True), "scoring.top_k", "a positive integer, got True"),
         (lambda: PipelineConfig(seed=2**32), "seed", "an integer >= 0 and < 4294967296, got 4294967296"),
         (lambda: NLITrainConfig(lr=math.nan), "model.recipe.lr", "a finite number > 0, got nan"),
@@ -181,7 +185,7 @@ def test_typed_configs_check_their_numbers_in_one_place(make, key, needle):
 @pytest.mark.parametrize(
     ("table", "needle"),
     [
-        ({"solver": {"depth": "ten"}}, "--depth (solver.depth) must be an integer, got str 'ten'"),
+        ({"solver": {"depth": "ten"}}, "--depth (solver.depth) must be an integer or unset, got str 'ten'"),
         ({"solver": {"damping": [1]}}, "--damping (solver.damping) must be a number or unset, got list [1]"),
         ({"scoring": {"top_k": 2.5}}, "-k/--top-k (scoring.top_k) must be an integer, got float 2.5"),
     ],

@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_args(tiny, output) -> list[str]:
-    """Fast options on the tiny checkpoint (FastIF's kNN candidates)."""
+    """Fast options on the tiny checkpoint (FastIF's kNN candidates, fixed-mode LiSSA with a tail average)."""
     return [
         *("--model", str(tiny["model"]), "--train", str(tiny["train"]), "--test", str(tiny["test"])),
         *(
@@ -53,6 +53,8 @@ def tiny_args(tiny, output) -> list[str]:
             "2",
             "--depth",
             "10",
+            "--tail-average",
+            "0.5",
             "--damping",
             "0.1",
         ),
@@ -207,9 +209,10 @@ def help_text(argv, capsys) -> str:
 
 def test_help_shows_each_options_default_from_the_config(capsys):
     influence = help_text(["influence"], capsys)
-    for shown in ("LiSSA steps per chain (default: 500) [solver.depth]", "(default: 5) [scoring.top_k]",
+    for shown in ("LiSSA steps per chain (default: automatic, doubled from 100", "(default: 5) [scoring.top_k]",
                   "(default: fastif-results/influence) [output.folder]", "(default: mnli_test) [data.test]",
-                  "-k TOP_K, --top-k TOP_K"):  # fmt: skip
+                  "-k TOP_K, --top-k TOP_K", "FastIF's fast s_test: --depth 500", "--tail-average 0.5)",
+                  "(default: 0.01) [solver.target_residual]"):  # fmt: skip
         assert shown in influence
     assert "(default: )" not in influence and "(default: None)" not in influence
     assert "(default: fastif-results/demo) [output.folder]" in help_text(["demo"], capsys)
@@ -396,7 +399,7 @@ def test_bench_prints_stage_times(tmp_path, capsys):
         "training pass (frozen bottom)",
         "LiSSA scale (power iteration HVPs)",
         "first query (s_test + scores, with set-up)",
-        "LiSSA steps (B=1)",
+        "LiSSA steps (B=8)",  # automatic LiSSA's first batch: min(32, the 8 examples)
         "candidate scores (1 test point)",
     ]
     knn = ["--candidate-method", "features"]
@@ -410,9 +413,10 @@ def test_readme_first_command_runs_the_demo_with_the_stated_defaults():
     first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
     assert first.endswith('pip install -e ".[nli]" && fastif demo')
     defaults = PipelineConfig()
-    assert (defaults.candidates.method, defaults.parameters.top_layers, defaults.solver.depth) == ("auto", 0, 500)
+    assert (defaults.candidates.method, defaults.parameters.top_layers, defaults.solver.depth) == ("auto", 0, None)
     assert defaults.scoring.top_k == 5 and defaults.parameters.frozen == "auto"
-    assert "all 8,000 training pairs" in readme and "500 steps each" in readme and "pooler + classifier" in readme
+    assert "all 8,000 training pairs" in readme and "LiSSA in its automatic mode" in readme
+    assert "pooler + classifier" in readme and "--depth 500 --lissa-batch 1 --tail-average 0.5" in readme
 
 
 def test_the_demo_replaces_its_own_results_when_rerun(tiny, tmp_path, monkeypatch, capsys):
@@ -477,7 +481,7 @@ def test_a_utf16_config_file_is_refused_and_a_utf8_bom_is_read(tiny, tmp_path, c
     assert f"config file {config} is not UTF-8 text" in one_line_error(capsys)
     config.write_text("[solver]\ndepth = -3\n", encoding="utf-8-sig")
     assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--config", str(config)]) == 2
-    assert f"{config}: --depth (solver.depth) must be a positive integer, got -3" in one_line_error(capsys)
+    assert f"{config}: --depth (solver.depth) must be a positive integer (or unset), got -3" in one_line_error(capsys)
 
 
 def damaged_checkpoint(tiny, folder: Path, damage: str) -> Path:
@@ -590,6 +594,23 @@ def test_an_unsettled_s_test_is_one_note_on_stderr_not_repeated_on_stdout(tiny, 
     notes = [line for line in err.splitlines() if "did not settle" in line]
     assert len(notes) == 1 and notes[0].startswith("fastif: note: s_test (lissa) did not settle")
     assert "not settled: raise --depth" in out and "note: LiSSA" not in out
+
+
+def test_automatic_lissa_plans_its_first_attempt_and_reports_its_attempts(tiny, tmp_path, capsys):
+    """Without --depth the CLI runs LiSSA's automatic mode: the plan estimates the first attempt, the s_test line
+    says how many attempts and steps ran and whether the residual target was met."""
+    argv = tiny_args(tiny, tmp_path / "out")
+    depth = argv.index("--depth")
+    argv = [*argv[:depth], *argv[depth + 2 :], "--test-indices", "0", "--max-steps", "600", "--damping", "1"]
+    assert run(["influence", *argv]) == 0
+    out = capsys.readouterr().out
+    planned = r"automatic depth: a first attempt of 2 chain\(s\) × 100 steps ≈ [\d.]+ s \(one step at batch 30"
+    assert re.search(planned, out)
+    line = next(line for line in out.splitlines() if line.startswith("s_test: lissa"))
+    assert re.search(r"2 chain\(s\) on 1 worker\(s\).*automatic depth: [12] attempt\(s\), [\d,]+ steps \(last", line)
+    assert "residual target 0.01 " in line and "relative residual" in line
+    report = json.loads((tmp_path / "out" / "influence.json").read_text())["s_test"]
+    assert report["steps"] <= 600 and report["attempts"][0] == {**report["attempts"][0], "depth": 100, "batch_size": 30}
 
 
 def test_a_huge_damping_reports_a_residual_that_is_not_finite_in_one_line(tiny, tmp_path, capsys):

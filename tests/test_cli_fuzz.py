@@ -28,11 +28,12 @@ LONG = settings(max_examples=200, deadline=None, suppress_health_check=list(Heal
 
 NUMERIC_FLAGS = (
     *("--seed", "--l2", "--damping", "--scale", "-k", "--depth", "--candidates", "--max-length", "--train-size"),
-    *("--top-layers", "--repeats", "--lissa-batch", "--correct", "--test-indices"),
+    *("--top-layers", "--repeats", "--lissa-batch", "--correct", "--test-indices", "--tail-average"),
+    *("--target-residual", "--max-steps"),
 )
 PATH_FLAGS = ("--train", "--test", "--config", "--model", "--index-dir", "--output")
 
-WORK_FLAGS = ("--depth", "--repeats")  # a huge valid value here is a huge (valid) job: generated small
+WORK_FLAGS = ("--depth", "--repeats", "--max-steps")  # a huge valid value here is a huge (valid) job: generated small
 small = st.one_of(
     st.integers(-3, 40),
     st.floats(allow_nan=True, allow_infinity=True),

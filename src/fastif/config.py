@@ -167,7 +167,7 @@ def _check_type(key: str, annotation: Any, value: Any) -> Any:
 
 
 def _wrong_type(key: str, annotation: Any, value: Any) -> ConfigError:
-    """ "solver.depth must be an integer, got str 'ten'": the key, what it takes, and what it got."""
+    """ "solver.depth must be an integer or unset, got str 'ten'": the key, what it takes, and what it got."""
     return ConfigError(f"{key} must be {_describe(annotation)}, got {type(value).__name__} {shown(value)}", key)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from ..config import SHOWN_CHARS
 from ..errors import ConfigError
 from ..solvers import SOLVERS
+from ..solvers.lissa import AUTO_BATCH, AUTO_REPEATS, AUTO_START_DEPTH, AUTO_TAIL
 
 EXIT_USAGE = 2
 KEY_PREFIX = "cfg:"
@@ -194,11 +195,47 @@ SOLVER = (
         _Option(
             ("--damping",), "solver.damping", "damping added to the Hessian (absolute; default: the recipe's)", float
         ),
-        _Option(("--depth",), "solver.depth", "LiSSA steps per chain", int),
-        _Option(("--repeats",), "solver.repeats", "LiSSA chains averaged (default: one per worker)", int),
-        _Option(("--lissa-batch",), "solver.batch_size", "LiSSA minibatch size (FastIF's fast s_test: 1)", int),
+        _Option(
+            ("--depth",),
+            "solver.depth",
+            "LiSSA steps per chain (default: automatic, doubled from "
+            f"{AUTO_START_DEPTH} until the relative residual on the full H is at most --target-residual; a set depth "
+            "is the fixed mode, e.g. FastIF's fast s_test: --depth 500 --lissa-batch 1 --tail-average 0.5)",
+            int,
+        ),
+        _Option(
+            ("--repeats",),
+            "solver.repeats",
+            f"LiSSA chains averaged (default: {AUTO_REPEATS} when automatic, one per worker at a set --depth)",
+            int,
+        ),
+        _Option(
+            ("--lissa-batch",),
+            "solver.batch_size",
+            f"LiSSA minibatch size (default: {AUTO_BATCH} doubling with the depth when automatic, 1 at a set --depth)",
+            int,
+        ),
+        _Option(
+            ("--tail-average",),
+            "solver.tail_average",
+            f"fraction of each LiSSA chain's last iterates averaged (default: {AUTO_TAIL} when automatic, 0 = the "
+            "last iterate at a set --depth)",
+            float,
+        ),
+        _Option(
+            ("--target-residual",),
+            "solver.target_residual",
+            "automatic LiSSA stops at this relative residual on the full H",
+            float,
+        ),
+        _Option(("--max-steps",), "solver.max_steps", "automatic LiSSA's steps over all chains and attempts", int),
         _Option(("--scale",), "solver.scale", "LiSSA scale (default: automatic, by power iteration)", float),
-        _Option(("--workers",), "solver.workers", "processes for LiSSA chains (default: one per CPU core)", int),
+        _Option(
+            ("--workers",),
+            "solver.workers",
+            "processes for LiSSA's chains at a set --depth (default: one per CPU core; automatic LiSSA runs in one)",
+            int,
+        ),
     ),
 )
 SCORING = (

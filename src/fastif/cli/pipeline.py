@@ -72,13 +72,26 @@ def _describe_s_test(s_test: dict[str, Any]) -> str:
         growth = s_test.get("late_growth")
         if growth:
             line += f"; ‖h‖ grew {max(growth):+.1%} from the third to the last quarter of the chains"
-        line += "; settled" if s_test.get("converged") else "; not settled: raise --depth (or --damping)"
-        line += " (norm traces in influence.json)"
+        line += _describe_lissa_depth(s_test) + " (norm traces in influence.json)"
     if "relative_residual" in s_test:
         line += f"; {_describe_residual(s_test)}"
     if s_test.get("converged") is False:  # the pipeline's one "did not settle" note on stderr already quoted them
         return line
     return "\n".join([line, *(f"note: {' '.join(text.split())}" for text in s_test.get("warnings", []))])
+
+
+def _describe_lissa_depth(s_test: dict[str, Any]) -> str:
+    """Whether LiSSA settled; in the automatic mode, the attempts it ran and whether they met the residual target."""
+    if "attempts" not in s_test:
+        return "; settled" if s_test.get("converged") else "; not settled: raise --depth (or --damping)"
+    last, target = s_test["attempts"][-1], s_test["target_residual"]
+    line = (
+        f"; automatic depth: {len(s_test['attempts'])} attempt(s), {s_test['steps']:,} steps (last: depth "
+        f"{last['depth']}, batch {last['batch_size']})"
+    )
+    if s_test.get("converged"):
+        return f"{line}, residual target {target:g} met"
+    return f"{line}, residual target {target:g} not met: raise --max-steps (or --damping)"
 
 
 def _describe_residual(s_test: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..candidates import CandidateIndex
+from ..solvers.lissa import LiSSAConfig, first_attempt
 from .config import PipelineConfig, with_overrides
 from .core import Pipeline
 
@@ -36,9 +37,12 @@ def _record(stages: list[dict[str, Any]], name: str, items: int, seconds: float)
 
 def run_bench(config: PipelineConfig, examples: int = 256, steps: int = 20) -> dict[str, Any]:
     """Time loading, tokenising, the training pass, the index, LiSSA's scale and steps, and scoring, through the
-    pipeline's :class:`~fastif.influence.Influence` facade; estimates one chain at the configured depth."""
-    depth = config.solver.depth
+    pipeline's :class:`~fastif.influence.Influence` facade; estimates one chain at the configured depth (automatic
+    LiSSA: its first attempt's depth and batch size, which later attempts double)."""
+    lissa = LiSSAConfig(**{key: getattr(config.solver, key) for key in ("depth", "batch_size")})
+    depth, batch_size, _ = first_attempt(lissa, examples)
     overrides = {"output.progress": False, "solver.depth": steps, "solver.repeats": 1, "solver.workers": 1}
+    overrides["solver.batch_size"] = batch_size
     pipeline = Pipeline(with_overrides(config, overrides))
     config = pipeline.config
     stages: list[dict[str, Any]] = []
@@ -74,6 +78,7 @@ def run_bench(config: PipelineConfig, examples: int = 256, steps: int = 20) -> d
         "frozen": influence.split is not None,
         "lissa_chain_estimate_s": result.timings["s_test"] / steps * depth,
         "depth": depth,
+        "adaptive": lissa.adaptive,
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
     }
@@ -85,9 +90,10 @@ def format_bench(results: dict[str, Any]) -> str:
     for stage in results["stages"]:
         lines.append(f"{stage['stage']:<40} {stage['seconds']:>9.2f} {stage['items']:>7} {stage['ms_per_item']:>9.1f}")
     load = ", ".join(f"{value:.1f}" for value in results["load_average"])
+    first = " (automatic depth: the first attempt's)" if results["adaptive"] else ""
     lines.append(
         f"{results['parameters']:,} parameters, {results['examples']} training pairs; one LiSSA chain of "
-        f"{results['depth']} steps ≈ {results['lissa_chain_estimate_s']:.1f} s; "
+        f"{results['depth']} steps{first} ≈ {results['lissa_chain_estimate_s']:.1f} s; "
         f"{results['torch_threads']} torch threads; load average {load}"
     )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from ..gradient_store import GradientStoreConfig
 from ..model.frozen import FrozenMode
 from ..model.hf import L2_EXCLUDE
 from ..scores import ScoreMethod
-from ..solvers import SOLVERS
+from ..solvers import SOLVERS, LiSSAConfig
 from .recipe import find_recipe
 
 EMBEDDED_MODEL = "embedded"
@@ -132,46 +132,57 @@ class CandidatesConfig:
         check_number("candidates.batch_size", self.batch_size, integer=True, minimum=1)
 
 
+def _lissa_default(name: str) -> Any:
+    """:class:`LiSSAConfig`'s default for field ``name``: the stage takes the API's LiSSA defaults, never a copy."""
+    return next(field.default for field in dataclasses.fields(LiSSAConfig) if field.name == name)
+
+
 @dataclass(frozen=True)
 class SolverStageConfig:
     """How s_test = (H + damping·I)⁻¹ ∇L(test) is solved; LiSSA is FastIF's fast s_test.
 
-    LiSSA runs ``repeats`` chains (default: one per worker) of ``depth`` steps at ``batch_size`` and averages them;
-    ``scale=None`` estimates the top batch-Hessian eigenvalue by power iteration (``scale_samples`` batches ×
-    ``power_iterations``) so the recursion contracts. ``tail_average=0.5`` averages each chain's iterates over its
-    last half (FastIF took the last iterate, 0): at B = 1 the iterate keeps fluctuating around the fixed point.
-    ``workers`` > 1 runs the chains in parallel processes (``fastif.runner``); ``None`` = one per usable CPU core.
-    CG / Arnoldi use full-data HVPs in batches of ``hessian_batch_size``. ``damping=None`` takes the recipe's
-    damping (each recipe says why it chose it).
+    LiSSA's options default to ``LiSSAConfig()``'s: the **automatic mode** (``depth=None``) runs attempts of doubling
+    depth (and batch size, when unset) until the relative residual on the full H is at most ``target_residual``,
+    within ``max_steps``; ``batch_size`` / ``tail_average`` left unset are the mode's choice (see
+    :class:`~fastif.solvers.LiSSAConfig`). A set ``depth`` is the **fixed mode**: ``repeats`` chains (default: one
+    per worker, run in parallel by ``fastif.runner``) of ``depth`` steps at ``batch_size``; FastIF's fast s_test as
+    the pipeline ran it before is ``depth=500, batch_size=1, tail_average=0.5`` (plus ``scale_samples=4,
+    power_iterations=10``). ``scale=None`` estimates the top batch-Hessian eigenvalue by power iteration
+    (``scale_samples`` batches × ``power_iterations``) so the recursion contracts. ``workers`` = processes for the
+    fixed mode's chains (``None`` = one per usable CPU core); the automatic mode runs in one process. CG / Arnoldi
+    use full-data HVPs in batches of ``hessian_batch_size``. ``damping=None`` takes the recipe's damping.
     """
 
     method: str = "lissa"
     damping: float | None = None
-    depth: int = 500
+    depth: int | None = _lissa_default("depth")
     repeats: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = _lissa_default("batch_size")
     scale: float | None = None
-    scale_samples: int = 4
-    power_iterations: int = 10
-    tail_average: float = 0.5
+    scale_samples: int = _lissa_default("scale_samples")
+    power_iterations: int = _lissa_default("power_iterations")
+    tail_average: float | None = _lissa_default("tail_average")
+    target_residual: float = _lissa_default("target_residual")
+    max_steps: int = _lissa_default("max_steps")
     workers: int | None = None
     max_iterations: int = 100
     rank: int = 20
     hessian_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        """Refuse an unknown solver, non-positive sizes, a negative or non-finite damping, a non-positive scale, a tail
-        outside [0, 1)."""
+        """Refuse an unknown solver, non-positive sizes, a negative or non-finite damping, a non-positive scale or
+        residual target, a tail outside [0, 1)."""
         if self.method not in SOLVERS:
             raise ConfigError(f"solver.method must be one of {sorted(SOLVERS)}, got {self.method!r}")
-        sizes = ("depth", "batch_size", "scale_samples", "power_iterations", "max_iterations", "rank")
-        for name in (*sizes, "hessian_batch_size"):
+        sizes = ("scale_samples", "power_iterations", "max_steps", "max_iterations", "rank", "hessian_batch_size")
+        for name in sizes:
             check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1)
-        for name in ("repeats", "workers"):
+        for name in ("depth", "batch_size", "repeats", "workers"):
             check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1, optional=True)
         check_number("solver.damping", self.damping, minimum=0, optional=True)
         check_number("solver.scale", self.scale, above=0, optional=True)
-        check_number("solver.tail_average", self.tail_average, minimum=0, below=1)
+        check_number("solver.tail_average", self.tail_average, minimum=0, below=1, optional=True)
+        check_number("solver.target_residual", self.target_residual, above=0)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 The kNN index (and the frozen path's training pass) lives in a :class:`~fastif.store.Store` under the cache root,
 named by the model's and the training set's fingerprints and the index settings, so any later command on the same
 model and data reuses it; an ``--index-dir`` store made for another model or data is refused (or rebuilt with
-``overwrite``). s_test is LiSSA at batch size 1 averaged over ``repeats`` chains, run in parallel worker processes
-through :mod:`fastif.runner` when there is more than one worker.
+``overwrite``). s_test is LiSSA in its automatic mode by default (depth grown until the residual target is met); a
+fixed depth runs ``repeats`` chains in parallel worker processes through :mod:`fastif.runner` when there is more
+than one worker.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..model.predict import dataset_labels
 from ..runner import RunnerConfig, usable_cores
 from ..scores import ScoreConfig
 from ..solvers import SOLVERS, solver_from_config
+from ..solvers.lissa import first_attempt
 from ..store import Store
 from ..store.artifacts import index_cache_folder
 from .config import ParameterConfig, PipelineConfig, SolverStageConfig
@@ -87,9 +89,10 @@ def with_recipe_damping(config: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(config, solver=dataclasses.replace(config.solver, damping=damping))
 
 
-def solver_config(config: SolverStageConfig, seed: int, repeats: int) -> Any:
+def solver_config(config: SolverStageConfig, seed: int, repeats: int | None) -> Any:
     """The typed config of the solver ``config.method`` names (from the registry), taking each of its fields
-    that the stage sets (damping, depth, batch size, ...), the run's seed, and LiSSA's ``repeats``."""
+    that the stage has (damping, depth, batch size, ...; unset ones stay unset, for LiSSA to choose), the run's
+    seed, and LiSSA's ``repeats``."""
     config_class = SOLVERS[config.method].config_class
     stage = {**dataclasses.asdict(config), "seed": seed, "repeats": repeats}
     fields = {field.name for field in dataclasses.fields(config_class)}
@@ -372,14 +375,22 @@ class Pipeline:
         influence.use_gradient_store(store)
         return store
 
-    def _workers(self) -> tuple[int, int]:
-        """(worker processes, LiSSA repeats): repeats default to the number of workers."""
+    def _workers(self) -> tuple[int, int | None]:
+        """(worker processes, LiSSA repeats): repeats default to the number of workers; LiSSA's automatic mode runs
+        in this process (the runner does not split its attempts) with its own chain count unless one is set."""
         stage = self.config.solver
+        if stage.method == "lissa" and stage.depth is None:
+            return 1, stage.repeats
         workers = stage.workers or usable_cores()
         repeats = stage.repeats or workers
         if stage.method != "lissa" or self.device.type != "cpu":
             workers = 1
         return min(workers, repeats), repeats
+
+    @property
+    def lissa_chains(self) -> int:
+        """How many chains LiSSA runs: the set or per-worker count, else the solver's own choice."""
+        return first_attempt(self.influence.solver.config, len(self.train))[2]
 
     @property
     def candidate_method(self) -> str:
@@ -431,14 +442,14 @@ class Pipeline:
             self.training_pass  # noqa: B018 (the frozen path's activations: loaded or computed once)
         if method == "features":
             self.index  # noqa: B018
-        workers, repeats = self._workers()
+        workers, _ = self._workers()
         count = None if method == "all" else self.config.candidates.count
         if count is not None and count > len(self.train):
             raise DataError(
                 f"candidates.count={count} exceeds the {len(self.train)} training points; lower --candidates"
             )
         run: dict[str, Any] = {"method": self.config.solver.method, "workers": workers, "candidates": method}
-        run["repeats"] = repeats if self.config.solver.method == "lissa" else None
+        run["repeats"] = self.lissa_chains if self.config.solver.method == "lissa" else None
         parallel = influence.parallel(RunnerConfig(backend="processes", workers=workers)) if workers > 1 else None
         with warnings.catch_warnings(record=True) as caught, parallel or contextlib.nullcontext():
             warnings.simplefilter("always")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data import length_order
+from ..solvers.lissa import first_attempt
 
 if TYPE_CHECKING:
     from .core import Pipeline
@@ -79,23 +80,32 @@ def planned_tests(pipeline: Pipeline) -> int:
 
 def query_plan(pipeline: Pipeline) -> str:
     """One line, after the training pass: the time of s_test and of the scores for the run's test points, from one
-    timed HVP step and one timed batch of scores on the working (frozen) model."""
+    timed HVP step and one timed batch of scores on the working (frozen) model. LiSSA's automatic mode picks its
+    depth as it runs, so only its first attempt is estimated."""
     influence, config, rows = pipeline.influence, pipeline.config, planned_tests(pipeline)
-    hessian = influence.hessian
+    hessian, lissa = influence.hessian, config.solver.method == "lissa"
+    depth, batch_size, repeats = first_attempt(influence.solver.config, hessian.num_examples) if lissa else (0, 1, 0)
     vectors = torch.randn(rows, influence.adapter.num_params, dtype=influence.flat.dtype)
-    batch = list(range(min(config.solver.batch_size, hessian.num_examples)))
+    batch = list(range(min(batch_size, hessian.num_examples)))
     step = min(_seconds(lambda: hessian.batch_matvec(vectors, batch)) for _ in range(2))  # the first warms up
     count = len(pipeline.train) if pipeline.candidate_method == "all" else config.candidates.count or 0
     sample = list(range(min(count, config.scoring.batch_size, len(pipeline.train))))  # too large: refused later
     timed = min(_seconds(lambda: influence.score_s_test(vectors, sample)) for _ in range(2))
     scores = timed / max(len(sample), 1) * count
     scoring = f"scores of {count:,} training points per test point ≈ {_duration(scores)} for all {rows}"
-    if config.solver.method != "lissa":
+    if not lissa:
         return f"plan: {rows} s_test row(s) by {config.solver.method}, one HVP ≈ {step * 1000:.0f} ms; {scoring}"
-    workers, repeats = pipeline._workers()
+    workers, _ = pipeline._workers()
     chains = -(-repeats // workers)  # chains each worker runs, one after another
+    timed_step = f"one step at batch {len(batch)} timed now: {step * 1000:.1f} ms"
+    if influence.solver.config.adaptive:
+        return (
+            f"plan: s_test for {rows} test point(s) = LiSSA, automatic depth: a first attempt of {repeats} chain(s) × "
+            f"{depth} steps ≈ {_duration(step * depth * chains)} ({timed_step}), then attempts of doubling depth "
+            f"(and batch) until the relative residual on the full H is ≤ {config.solver.target_residual:g}, within "
+            f"{config.solver.max_steps:,} steps; {scoring}"
+        )
     return (
-        f"plan: s_test for {rows} test point(s) = LiSSA {repeats} chain(s) × {config.solver.depth} steps in "
-        f"{workers} process(es) ≈ {_duration(step * config.solver.depth * chains)} (one step timed now: "
-        f"{step * 1000:.1f} ms); {scoring}"
+        f"plan: s_test for {rows} test point(s) = LiSSA {repeats} chain(s) × {depth} steps in {workers} process(es) "
+        f"≈ {_duration(step * depth * chains)} ({timed_step}); {scoring}"
     )

@@ -41,9 +41,8 @@ class LiSSAConfig:
     ``tail_average`` > 0 averages the iterates of that final fraction of steps instead of taking the last one: the
     chain's stationary mean is the same fixed point, and averaging cuts the minibatch noise the last iterate keeps.
 
-    ``LiSSA()`` is the automatic mode. The pipeline and CLI default is FastIF's fast s_test in the fixed mode:
-    ``LiSSAConfig(depth=500, batch_size=1, tail_average=0.5, scale_samples=4, power_iterations=10)`` with one
-    chain per worker (``SolverStageConfig``; docs/cli.md), pinned by ``tests/test_api_defaults.py``.
+    ``LiSSA()`` is the automatic mode, and so are the pipeline's and the CLI's defaults (``SolverStageConfig``
+    takes these defaults; docs/cli.md), pinned by ``tests/test_api_defaults.py``.
     """
 
     damping: float = DEFAULT_DAMPING
@@ -90,6 +89,14 @@ AUTO_BATCH, AUTO_REPEATS, AUTO_TAIL, AUTO_START_DEPTH = 32, 2, 0.5, 100
 """The automatic mode's starting batch size (capped at n), chains, tail fraction and first attempt's depth."""
 
 
+def first_attempt(config: LiSSAConfig, num_examples: int) -> tuple[int, int, int]:
+    """(depth, batch size, chains) of the first run of chains on ``num_examples`` points: the set ones, else the
+    mode's choice (the whole solve in the fixed mode; the automatic mode then doubles depth and unset batch)."""
+    auto = config.adaptive
+    batch_size = config.batch_size or (min(num_examples, AUTO_BATCH) if auto else 1)
+    return config.depth or AUTO_START_DEPTH, batch_size, config.repeats or (AUTO_REPEATS if auto else 1)
+
+
 def _power_iteration(matvec, dim: int, iterations: int, generator: torch.Generator, like: Tensor) -> float:
     """Largest-magnitude eigenvalue estimate of a symmetric operator by power iteration."""
     vector = torch.randn(dim, generator=generator, dtype=like.dtype).to(like.device)
@@ -119,9 +126,7 @@ class LiSSA(Solver, name="lissa"):
         config = self.config
         super().fit(hessian)
         auto = config.adaptive
-        self.depth = config.depth or AUTO_START_DEPTH
-        self.batch_size = config.batch_size or (min(hessian.num_examples, AUTO_BATCH) if auto else 1)
-        self.repeats = config.repeats or (AUTO_REPEATS if auto else 1)
+        self.depth, self.batch_size, self.repeats = first_attempt(config, hessian.num_examples)
         self.tail_average = config.tail_average if config.tail_average is not None else (AUTO_TAIL if auto else 0.0)
         self.top_eigenvalue: float | None = None
         if config.scale is None:
