@@ -38,6 +38,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "top4_lr1e-4_1ep": {"frozen_layers": 2, "lr": 1e-4},
     "top2_lr5e-4_3ep": {"frozen_layers": 4, "lr": 5e-4, "epochs": 3},
     "all6_lr5e-5_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 5e-5, "epochs": 2},
+    "all6_lr1e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2},
+    "all6_lr2e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 2e-4, "epochs": 2},
 }
 """Recipe name -> NLITrainConfig overrides (8,000 training pairs unless ``train_size`` says otherwise)."""
 

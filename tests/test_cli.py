@@ -530,7 +530,8 @@ def test_a_bit_flipped_index_is_rebuilt_with_one_note_naming_it(tiny, finished, 
     data[len(data) // 2] ^= 0x10
     index_file.write_bytes(bytes(data))
     assert run(["influence", *tiny_args(tiny, output), "--test-indices", "0", "--overwrite"]) == 0
-    assert capsys.readouterr().err.splitlines() == [
+    notes = capsys.readouterr().err.splitlines()
+    assert [note for note in notes if "did not settle" not in note] == [
         f"fastif: note: {index_file} is corrupt (checksum mismatch); delete {index_file.parent} and rebuild; "
         "rebuilt the index"
     ]
@@ -584,7 +585,7 @@ def test_progress_bars_show_each_long_stage_unless_hidden(tiny, tmp_path, capsys
     bars = capsys.readouterr().err
     assert all(name in bars for name in ("frozen-bottom pass", "s_test: LiSSA chain 0", "scores"))
     assert run(["influence", *argv, "--test-indices", "0", "--output", str(tmp_path / "quiet"), "--no-progress"]) == 0
-    assert "s_test" not in capsys.readouterr().err
+    assert "LiSSA chain" not in capsys.readouterr().err  # no bar (a "did not settle" note may stand)
 
 
 def test_an_unsettled_s_test_is_one_note_on_stderr_not_repeated_on_stdout(tiny, tmp_path, capsys):
