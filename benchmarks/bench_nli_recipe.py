@@ -23,7 +23,7 @@ import torch
 
 from fastif.config import config_to_dict
 from fastif.data.text import TextPairData
-from fastif.files import atomic_write_json, read_json
+from fastif.files import atomic_write_json, atomic_write_text, read_json
 from fastif.model.predict import dataset_labels, evaluate_classifier, predict_logits
 from fastif.recipes.nli.data import HANS_HEURISTICS, load_embedded, nli_label_scheme
 from fastif.recipes.nli.model import NLITrainConfig, train_nli_classifier
@@ -40,6 +40,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "all6_lr5e-5_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 5e-5, "epochs": 2},
     "all6_lr1e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2},
     "all6_lr2e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 2e-4, "epochs": 2},
+    "2-class, the default recipe": {"num_labels": 2},
+    "2-class, the old default": {
+        "num_labels": 2,
+        "frozen_layers": 4,
+        "freeze_embeddings": True,
+        "lr": 5e-4,
+        "epochs": 1,
+    },
 }
 """Recipe name -> NLITrainConfig overrides (8,000 training pairs unless ``train_size`` says otherwise)."""
 
@@ -96,6 +104,30 @@ def measure(name: str, overrides: dict[str, Any], cache: Path) -> dict[str, Any]
     return result
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The learning curve as a markdown table (and the HANS signature of the 2-class recipes)."""
+    lines = [
+        "| recipe | classes | trainable parameters | epochs | lr | training pairs | validation | test | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["recipes"].items():
+        config = row["config"]
+        lines.append(
+            f"| {name} | {config['num_labels']} | {row['trainable_parameters'] / 1e6:.1f}M | "
+            f"{config['epochs']} | {config['lr']:g} | {config['train_size']} | "
+            f"{row['validation_accuracy']:.3f} | {row['test_accuracy']:.3f} | {row['train_seconds']:.0f} |"
+        )
+    hans = {name: row["hans"] for name, row in results["recipes"].items() if "hans" in row}
+    if hans:
+        lines += ["", "| 2-class recipe | heuristic | entailment | non-entailment |", "|---|---|---|---|"]
+        for name, cells in hans.items():
+            for heuristic, accuracy in cells.items():
+                lines.append(
+                    f"| {name} | {heuristic} | {accuracy['entailment']:.3f} | {accuracy['non-entailment']:.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("fastif-results/bench/nli_recipe.json"))
@@ -117,6 +149,7 @@ def main() -> None:
             continue
         results["recipes"][name] = measure(name, overrides, args.cache)
         atomic_write_json(args.output, results)
+        atomic_write_text(args.output.with_suffix(".md"), markdown(results))
 
 
 if __name__ == "__main__":

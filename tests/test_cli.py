@@ -216,7 +216,7 @@ def test_help_shows_each_options_default_from_the_config(capsys):
         assert shown in influence
     assert "(default: )" not in influence and "(default: None)" not in influence
     assert "(default: fastif-results/demo) [output.folder]" in help_text(["demo"], capsys)
-    assert "(default: 0.0005) [model.recipe.lr]" in help_text(["train"], capsys)
+    assert "(default: 0.0001) [model.recipe.lr]" in help_text(["train"], capsys)
 
 
 def test_example_and_report_help_list_choices_defaults_and_files(capsys):

@@ -297,6 +297,7 @@ def tiny_config(base: Path, **overrides) -> NLITrainConfig:
         "max_length": 32,
         "epochs": 2,
         "frozen_layers": 1,
+        "freeze_embeddings": True,
         "lr": 1e-3,
     }
     return NLITrainConfig(**{**options, **overrides})

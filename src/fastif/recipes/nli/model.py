@@ -118,9 +118,10 @@ class NLITrainConfig:
     """How :func:`train_nli_classifier` fine-tunes a classifier on the bundled MNLI train split.
 
     The objective is ``mean cross-entropy + (l2 / 2)·‖θ‖²`` with θ the trainable weights excluding biases and
-    LayerNorm parameters (the objective whose Hessian fastif inverts). By default the embeddings and encoder
-    layers 0-3 of MiniLM's 6 are frozen (FastIF froze BERT's lower 10 of 12), so only layers 4-5, the pooler
-    and the head (3.7M parameters) train. ``base_model`` is ``"minilm"`` (bundled), a checkpoint folder holding
+    LayerNorm parameters (the objective whose Hessian fastif inverts). By default every layer trains (22.7M
+    parameters, 2 epochs at lr 1e-4: 0.67 validation accuracy on the premise-grouped split, against 0.50 when
+    only layers 4-5, the pooler and the head trained; ``benchmarks/results/nli_recipe.json``); influence is still
+    taken over the top (``ParameterConfig``): train everything, explain the top. ``base_model`` is ``"minilm"`` (bundled), a checkpoint folder holding
     a base model and its tokenizer, or a hub name. Batches are shuffled and, with ``bucket_by_length``,
     drawn from length-sorted buckets to cut padding. ``validation_size`` examples of the MNLI validation split
     (814 at most) are scored after training.
@@ -130,12 +131,12 @@ class NLITrainConfig:
     num_labels: Literal[2, 3] = 3
     train_size: int = MNLI_TRAIN_PAIRS
     validation_size: int = MNLI_VALIDATION_PAIRS
-    epochs: int = 1
-    lr: float = 5e-4
+    epochs: int = 2
+    lr: float = 1e-4
     batch_size: int = 32
     max_length: int = 128
-    freeze_embeddings: bool = True
-    frozen_layers: int = 4
+    freeze_embeddings: bool = False
+    frozen_layers: int = 0
     l2: float = 1e-3
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
