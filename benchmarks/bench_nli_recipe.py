@@ -32,24 +32,18 @@ GOAL_ACCURACY = 0.70
 HANS_PER_SUBCASE = 100
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "top2_lr5e-4_1ep (the old default)": {"frozen_layers": 4, "lr": 5e-4},
-    "all6_lr5e-5_1ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 5e-5},
-    "all6_lr1e-4_1ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4},
-    "top4_lr1e-4_1ep": {"frozen_layers": 2, "lr": 1e-4},
-    "top2_lr5e-4_3ep": {"frozen_layers": 4, "lr": 5e-4, "epochs": 3},
+    "top2_lr5e-4_1ep (the old default)": {"frozen_layers": 4, "freeze_embeddings": True, "lr": 5e-4, "epochs": 1},
+    "top2_lr5e-4_3ep": {"frozen_layers": 4, "freeze_embeddings": True, "lr": 5e-4, "epochs": 3},
+    "top4_lr1e-4_1ep": {"frozen_layers": 2, "freeze_embeddings": True, "lr": 1e-4, "epochs": 1},
+    "all6_lr5e-5_1ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 5e-5, "epochs": 1},
+    "all6_lr1e-4_1ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 1},
     "all6_lr5e-5_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 5e-5, "epochs": 2},
     "all6_lr1e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2},
     "all6_lr2e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 2e-4, "epochs": 2},
     "2-class, the default recipe": {"num_labels": 2},
-    "2-class, the old default": {
-        "num_labels": 2,
-        "frozen_layers": 4,
-        "freeze_embeddings": True,
-        "lr": 5e-4,
-        "epochs": 1,
-    },
 }
-"""Recipe name -> NLITrainConfig overrides (8,000 training pairs unless ``train_size`` says otherwise)."""
+"""Recipe name -> NLITrainConfig overrides (the split's 8,001 training pairs; the first runs, before the
+default took the whole split, used 8,000, as the results file records)."""
 
 
 def hans_signature(trained: Any) -> dict[str, dict[str, float]]:

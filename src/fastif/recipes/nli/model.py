@@ -121,10 +121,10 @@ class NLITrainConfig:
     LayerNorm parameters (the objective whose Hessian fastif inverts). By default every layer trains (22.7M
     parameters, 2 epochs at lr 1e-4: 0.67 validation accuracy on the premise-grouped split, against 0.50 when
     only layers 4-5, the pooler and the head trained; ``benchmarks/results/nli_recipe.json``); influence is still
-    taken over the top (``ParameterConfig``): train everything, explain the top. ``base_model`` is ``"minilm"`` (bundled), a checkpoint folder holding
-    a base model and its tokenizer, or a hub name. Batches are shuffled and, with ``bucket_by_length``,
-    drawn from length-sorted buckets to cut padding. ``validation_size`` examples of the MNLI validation split
-    (814 at most) are scored after training.
+    taken over the top (``ParameterConfig``): train everything, explain the top. ``base_model`` is ``"minilm"``
+    (bundled), a checkpoint folder holding a base model and its tokenizer, or a hub name. Batches are shuffled
+    and, with ``bucket_by_length``, drawn from length-sorted buckets to cut padding. ``validation_size`` examples
+    of the MNLI validation split (814 at most) are scored after training.
     """
 
     base_model: str = "minilm"
