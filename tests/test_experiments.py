@@ -304,3 +304,6 @@ def test_published_comparison_closed_form():
     one_seed = {("g", "helpful", "g"): [[0.0, 1.0]], ("g", "random", "g"): [[0.0, 0.0]]}
     single = published_comparison(one_seed, ["g"], {"published": {"source": "paper", "gain_points": 2.5}})
     assert single["p_helpful_vs_random"] is None and single["p_helpful_vs_published"] is None
+    flat = {("g", "helpful", "g"): [[0.0, 0.0]] * 3, ("g", "random", "g"): [[0.0, 0.0]] * 3}
+    unmoved = published_comparison(flat, ["g"], {"published": {"source": "paper", "gain_points": 2.5}})
+    assert unmoved["helpful_mean"] == 0.0 and unmoved["p_helpful_vs_published"] is None  # a t-test is undefined

@@ -72,21 +72,23 @@ def published_comparison(
     curves: dict[tuple[str, str, str], list[list[float]]], groups: list[str], results: dict[str, Any]
 ) -> dict[str, Any]:
     """The helpful mode's per-seed gain against random (paired t-test over seeds) and against the published gain
-    (one-sample t-test); p-values are two-sided and ``None`` where fewer than two seeds ran."""
+    (one-sample t-test); p-values are two-sided, ``None`` where fewer than two seeds ran or the values tested do
+    not vary over seeds (a t-test is undefined there)."""
     from scipy import stats
 
     helpful, random = per_seed_gains(curves, groups, "helpful"), per_seed_gains(curves, groups, "random")
     published = float(results["published"]["gain_points"])
     differences = [h - r for h, r in zip(helpful, random, strict=True)]
-    enough = len(helpful) > 1 and len(set(differences)) > 1
+    paired = len(helpful) > 1 and len(set(differences)) > 1
+    spread = len(helpful) > 1 and len(set(helpful)) > 1
     return {
         **results["published"],
         "helpful_per_seed": helpful,
         "random_per_seed": random,
         "helpful_mean": statistics.fmean(helpful),
         "helpful_minus_random_mean": statistics.fmean(differences),
-        "p_helpful_vs_random": float(stats.ttest_rel(helpful, random).pvalue) if enough else None,
-        "p_helpful_vs_published": float(stats.ttest_1samp(helpful, published).pvalue) if enough else None,
+        "p_helpful_vs_random": float(stats.ttest_rel(helpful, random).pvalue) if paired else None,
+        "p_helpful_vs_published": float(stats.ttest_1samp(helpful, published).pvalue) if spread else None,
     }
 
 
@@ -163,7 +165,7 @@ def _published_lines(comparison: dict[str, Any]) -> list[str]:
     """The paired comparison with the published gain, as a sentence per test."""
 
     def p(value: float | None) -> str:
-        return "n/a (one seed)" if value is None else f"{value:.3g}"
+        return "n/a (under two seeds, or the same value in every seed)" if value is None else f"{value:.3g}"
 
     seeds = ", ".join(f"{value:+.2f}" for value in comparison["helpful_per_seed"])
     return [
