@@ -154,11 +154,12 @@ def grouped_split(
         groups.setdefault(group(record), []).append(record)
     order = sorted(groups, key=lambda key: hashlib.sha256(f"{salt}:{seed}:{key}".encode()).hexdigest())
     parts: list[list[TextRecord]] = [[] for _ in range(len(sizes) + 1)]
-    targets, part = list(itertools.accumulate(sizes)), 0
+    targets, part, placed = list(itertools.accumulate(sizes)), 0, 0
     for key in order:
-        while part < len(targets) and sum(len(p) for p in parts[: part + 1]) >= targets[part]:
+        while part < len(targets) and placed >= targets[part]:
             part += 1
         parts[part] += groups[key]
+        placed += len(groups[key])
     return parts
 
 
