@@ -2,8 +2,8 @@
 builds the index), then again (later run: reuses both), each as a subprocess timed from outside.
 
 Wall seconds, CPU seconds of the child (user + system) and the load average before and after each run are recorded,
-with the stage times the demo prints itself. Targets on 2 idle CPU cores (issue 19): first run no slower than the
-144 s measured before the frozen path; later runs <= 10 s in all, s_test + scores <= 2 s.
+with the stage times the demo prints itself. Targets on 2 idle CPU cores: first run (train + index + explain)
+within 10 minutes (issue 18); later runs <= 10 s in all, s_test + scores <= 2 s (issue 19).
 
     python benchmarks/bench_demo.py --output benchmarks/results/demo_times.json
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from fastif.files import atomic_write_json
 
-TARGETS_S = {"first": 144.0, "later": 10.0}
+TARGETS_S = {"first": 600.0, "later": 10.0}
 LATER_SOLVE_AND_SCORE_S = 2.0
 
 

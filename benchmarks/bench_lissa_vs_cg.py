@@ -1,10 +1,10 @@
 """LiSSA's default (automatic) mode against CG on the embedded MiniLM NLI model's frozen head (issue 12's bar: ≤ 0.05).
 
 The problem is the peers' task (c) set-up (``benchmarks/peers/nli_setup.py``): the embedded MiniLM NLI classifier
-(trained once and cached), influence over the pooler + classifier (148,995 parameters), damping 0.3, the first
+(trained once and cached), influence over the pooler + classifier (148,995 parameters), ``NLISpec.damping``, the first
 ``--n-train`` MNLI training pairs, ``--n-test`` MNLI test pairs. The facade takes its frozen path: one pass caches
 each pair's [CLS] vector, and the Hessian is the head's over the whole training set. Per test point, interleaved
-(the solvers' order rotates), s_test is solved by CG at a tight tolerance, by ``LiSSA(damping=0.3)`` at its
+(the solvers' order rotates), s_test is solved by CG at a tight tolerance, by ``LiSSA(damping)`` at its
 defaults and by LiSSA at each ``--targets`` residual, all fitted on the facade's Hessian; every training point is
 then scored against each s_test through the facade. Reported: ‖s_lissa − s_cg‖ / ‖s_cg‖, the scores' Pearson and
 Spearman, the overlap of the top-10 helpful and harmful, each solve's time and residual (with its scope), and the

@@ -133,3 +133,20 @@ def test_the_cli_flags_give_fastifs_fixed_mode_and_the_automatic_mode_its_option
     assert not fixed.adaptive and (fixed.depth, fixed.batch_size, fixed.tail_average, fixed.repeats) == (500, 1, 0.5, 2)
     tuned = _cli_lissa("--target-residual", "0.05", "--max-steps", "900", "--repeats", "3")
     assert tuned == LiSSAConfig(damping=tuned.damping, target_residual=0.05, max_steps=900, repeats=3)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_automatic_lissa_stops_early_on_an_indefinite_hessian_and_names_a_damping_that_works(seed):
+    adapter, data = _mlp(3, 8, 40, seed=seed)
+    needed = -_smallest_eigenvalue(fastif.Influence(adapter, data, fastif.Exact(damping=100.0)))
+    just_below = fastif.Influence(adapter, data, fastif.LiSSA(damping=0.99 * needed))  # slow divergence: no blow-up
+    with pytest.raises(SolverError, match=r"LiSSA stalled: .* over attempt (\d+) .* not positive definite") as error:
+        just_below.s_test(data)
+    attempt = int(re.search(r"over attempt (\d+)", str(error.value)).group(1))
+    assert attempt <= 4  # stopped after a few hundred steps, not at the 20,000-step budget
+    suggested = _suggested_damping(str(error.value))
+    assert 0.9 * needed <= suggested <= needed * 1.005
+    above = fastif.Influence(adapter, data, fastif.LiSSA(damping=1.5 * suggested))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settles: no budget warning, no stall refusal
+        assert bool(torch.isfinite(above.s_test(data)).all())

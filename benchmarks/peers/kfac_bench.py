@@ -8,7 +8,7 @@ Quality is the LDS (dattri's protocol: ``--lds`` random 50% subsets, each retrai
 with fastif's Exact scores. PCG (EK-FAC preconditioner) and CG solve the same test gradients to the same relative
 residual; the iteration counts are reported.
 
-With ``--nli-train N``: the MiniLM NLI classifier of ``nli_setup`` (pooler + classifier, damping 0.3) on its first N
+With ``--nli-train N``: the MiniLM NLI classifier of ``nli_setup`` (pooler + classifier, its damping) on its first N
 training pairs; fastif's EK-FAC on the frozen path (one no-grad forward of the bottom, then everything on the head)
 against kronfluence's EK-FAC (``nli_methods``), both timed from the trained model to every pair's score; quality is
 the recall of the exact top-10 helpful and harmful points (exact: CG to relative residual 1e-8, untimed).

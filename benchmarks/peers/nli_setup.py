@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from fastif import CG, AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
 from fastif.data.text import TextPairData
 from fastif.model.hf import L2_EXCLUDE
-from fastif.recipes.nli import NLI3_LABELS, NLITrainConfig, load_embedded, train_nli_classifier
+from fastif.recipes.nli import NLI3_LABELS, NLI_DAMPING, NLITrainConfig, load_embedded, train_nli_classifier
 
 INCLUDE = ("bert.pooler", "classifier")
 TRACKED_MODULES = ("bert.pooler.dense", "classifier")
@@ -36,7 +36,7 @@ class NLISpec:
     n_train: int = 8000
     n_test: int = 10
     test_pool: int = 400
-    damping: float = 0.3
+    damping: float = NLI_DAMPING
     max_length: int = 128
     seed: int = 0
 

@@ -15,7 +15,9 @@ from .. import progress
 from ..config import DEFAULT_DAMPING, check_number
 from ..errors import SolverError
 from ..hvp import Hessian
+from .arnoldi import smallest_ritz_value
 from .base import Solver, SolveResult, check_damping, check_seed, residual_info
+from .cg import LANCZOS_STEPS
 
 FASTIF_DEPTH = 1000
 """Steps per chain of :meth:`LiSSAConfig.from_fastif` unless given (this library's long-standing default)."""
@@ -87,6 +89,11 @@ class LiSSAConfig:
 
 AUTO_BATCH, AUTO_REPEATS, AUTO_TAIL, AUTO_START_DEPTH = 32, 2, 0.5, 100
 """The automatic mode's starting batch size (capped at n), chains, tail fraction and first attempt's depth."""
+
+STALL_RATIO = 0.9
+"""An attempt whose full-H residual is above this fraction of the last one's has stalled (a settling solve falls by
+a third or more per doubling, benchmarks/results/lissa_vs_cg.json): a Lanczos check then tells an indefinite
+H + damping·I, on which the chains never settle, from minibatch noise."""
 
 
 def first_attempt(config: LiSSAConfig, num_examples: int) -> tuple[int, int, int]:
@@ -217,6 +224,7 @@ class LiSSA(Solver, name="lissa"):
         """Attempts of doubling depth (and batch size, if unset), warm-started, until the residual target is met."""
         hessian, config = self._fitted(), self.config
         depth, batch_size, start, steps, work, attempts = self.depth, self.batch_size, None, 0, 0, []
+        checked = False  # the Lanczos check runs at the first stall only
         while True:
             stream = len(attempts)
             chains = [
@@ -235,6 +243,9 @@ class LiSSA(Solver, name="lissa"):
             )
             # the sample is another matrix (CG's exact solution can read 0.05 on it): only the full H settles
             settled = residual["relative_residual"] <= config.target_residual and residual["residual_scope"] == "full"
+            if not settled and not checked and self._stalled(attempts):
+                checked = True
+                self._refuse_if_indefinite(attempts)
             if settled or steps + 2 * self.repeats * depth > config.max_steps:
                 break
             depth, start = 2 * depth, self.scale * estimate
@@ -251,6 +262,29 @@ class LiSSA(Solver, name="lissa"):
                 stacklevel=3,
             )
         return SolveResult(estimate, info)
+
+    @staticmethod
+    def _stalled(attempts: list[dict[str, Any]]) -> bool:
+        """True when the last two attempts were both checked on the full H and the residual fell by less than
+        :data:`STALL_RATIO`."""
+        full = [attempt["relative_residual"] for attempt in attempts[-2:] if attempt["residual_scope"] == "full"]
+        return len(full) == 2 and full[1] > STALL_RATIO * full[0]
+
+    def _refuse_if_indefinite(self, attempts: list[dict[str, Any]]) -> None:
+        """After a stall: ``LANCZOS_STEPS`` full HVPs bound H's smallest eigenvalue; if H + damping·I is proven not
+        positive definite the chains cannot settle at any depth, so stop now and say which damping would do."""
+        hessian, damping = self._fitted(), self.config.damping
+        steps = min(LANCZOS_STEPS, hessian.dim)
+        lowest = smallest_ritz_value(hessian, steps, self.config.seed)
+        if lowest + damping > 0:
+            return
+        before, after = (attempt["relative_residual"] for attempt in attempts[-2:])
+        raise SolverError(
+            f"LiSSA stalled: the relative residual on the full H went from {before:.3g} to {after:.3g} over attempt "
+            f"{len(attempts)} (depth {attempts[-1]['depth']}), because H + damping·I is not positive definite "
+            f"(damping {damping:g}): with {steps} Lanczos steps H has an eigenvalue at most {lowest:.3g}: set "
+            f"damping above {-lowest:.3g} (the most negative eigenvalue may be lower)"
+        )
 
     @staticmethod
     def warn_if_unsettled(info: dict[str, Any], stacklevel: int = 2) -> None:

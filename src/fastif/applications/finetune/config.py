@@ -52,6 +52,10 @@ class SplitConfig:
             raise ConfigError("SplitConfig: anchor_pool and eval_size must be >= 0 (0 = the whole part)")
 
 
+FINETUNE_LISSA = LiSSAConfig(damping=0.3, depth=300, repeats=1, batch_size=32, tail_average=0.5)
+"""The loop's s_test: fixed depth 300 at batch 32, the last half averaged; a recipe sets its own damping."""
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tuning experiment: loop sizes, the influence settings and the SGD step.
@@ -79,9 +83,7 @@ class FinetuneConfig:
     hessian_size: int = 8000
     pool_size: int = 0
     max_length: int = 128
-    lissa: LiSSAConfig = field(
-        default_factory=lambda: LiSSAConfig(damping=0.3, depth=300, repeats=1, batch_size=32, tail_average=0.5)
-    )
+    lissa: LiSSAConfig = field(default_factory=lambda: FINETUNE_LISSA)
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from .data import (
 )
 from .model import (
     MINILM_HUB_NAME,
+    NLI_DAMPING,
     RECIPE_VERSION,
     NLITrainConfig,
     TrainedModel,
@@ -45,6 +46,7 @@ __all__ = [
     "NLI2_LABELS",
     "NLI2_LABEL_MAP",
     "NLI3_LABELS",
+    "NLI_DAMPING",
     "RECIPE",
     "RECIPE_VERSION",
     "NLIRecipe",

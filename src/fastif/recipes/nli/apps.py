@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,13 @@ import numpy as np
 from torch import nn
 
 from ...applications.common import lissa_solver, pick_points
-from ...applications.finetune.config import Experiment, FinetuneConfig, SplitConfig, load_finetune_config
+from ...applications.finetune.config import (
+    FINETUNE_LISSA,
+    Experiment,
+    FinetuneConfig,
+    SplitConfig,
+    load_finetune_config,
+)
 from ...applications.finetune.run import ModelFactory, Progress, run_experiment
 from ...applications.influence_graph import compute_run
 from ...applications.simulatability import SimulatabilityConfig, run_simulatability
@@ -33,10 +39,11 @@ from ...model.adapter import AdapterConfig, HFClassifierAdapter
 from ...model.hf import L2_EXCLUDE
 from ...report.from_run import InfluenceRun
 from ...scores import ScoreConfig
+from ...solvers import LiSSAConfig
 from ...store.artifacts import index_cache_folder
 from ...telemetry import machine_info
 from .data import ANLI_ROUNDS, HANS_HEURISTICS, load_embedded, nli_label_scheme
-from .model import NLITrainConfig, train_nli_classifier
+from .model import NLI_DAMPING, NLITrainConfig, train_nli_classifier
 from .splits import TaskSplit, embedded_records, hans_pool, task_split
 
 MINILM_TOP = ("bert.encoder.layer.5", "bert.pooler", "classifier")
@@ -183,11 +190,12 @@ class ExperimentConfig(FinetuneConfig):
     """FastIF's correct / augment experiment on NLI: ``task`` HANS (2-class model; groups are its heuristics) or
     ANLI (3-class model; groups are its rounds). The model's training data is the bundled MNLI train split; the
     pool is MNLI train (correct), HANS train (augment, HANS) or the ANLI pool part (augment, ANLI). The LiSSA
-    damping 0.3 is the pipeline's for MiniLM's pooler + classifier (its Hessian's smallest eigenvalue is about
-    -0.14); a diverging chain doubles it (see ``influence_top`` in fastif.applications.finetune.run)."""
+    damping is the pipeline's for MiniLM's pooler + classifier (:data:`NLI_DAMPING`, above minus the Hessian's
+    smallest eigenvalue); a diverging chain doubles it (see ``influence_top`` in fastif.applications.finetune.run)."""
 
     groups: tuple[str, ...] = HANS_HEURISTICS
     task: Task = "hans"
+    lissa: LiSSAConfig = field(default_factory=lambda: replace(FINETUNE_LISSA, damping=NLI_DAMPING))
 
     def problems(self) -> list[str]:
         """The loop's checks, plus: a known task, groups of that task, and a pool for ANLI augmentation."""

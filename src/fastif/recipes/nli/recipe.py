@@ -18,6 +18,7 @@ from ...pipeline.config import EMBEDDED_MODEL, DataConfig, ModelConfig
 from ...pipeline.recipe import LoadedModel
 from .data import EMBEDDED_NAMES, NLI2_LABEL_MAP, NLI2_LABELS, TextDataConfig, load_text_data, nli_label_scheme
 from .model import (
+    NLI_DAMPING,
     TRAIN_CONFIG_FILE,
     NLITrainConfig,
     load_minilm_classifier,
@@ -72,11 +73,12 @@ def _max_length(loaded: LoadedModel, data: DataConfig) -> int:
 
 
 class NLIRecipe:
-    """MiniLM on NLI. Damping 0.3 makes H + damping·I positive definite for the embedded model's pooler +
-    classifier (its Hessian's smallest eigenvalue is about -0.14, docs/study.md); other models may need more."""
+    """MiniLM on NLI. The damping :data:`~fastif.recipes.nli.model.NLI_DAMPING` makes H + damping·I positive
+    definite for the embedded model's pooler + classifier; other models may need more (a solver that meets an
+    indefinite matrix says which damping would do)."""
 
     name = "nli"
-    damping = 0.3
+    damping = NLI_DAMPING
 
     def options(self, value: Any) -> NLITrainConfig:
         """The training recipe's options: defaults, a config table, or an NLITrainConfig."""
