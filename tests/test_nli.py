@@ -372,3 +372,18 @@ def test_load_trained_refuses_incomplete_folder(tmp_path):
 def test_model_inputs_drops_labels():
     batch = {"input_ids": torch.ones(1, 2), "labels": torch.zeros(1)}
     assert set(model_inputs(batch)) == {"input_ids"}
+
+
+def test_training_plan_says_what_will_be_trained_and_nothing_once_cached(tmp_path):
+    from fastif.recipes.nli.model import METRICS_FILE, _cache_path, _recipe_records, training_plan
+
+    config = NLITrainConfig()
+    plan = training_plan(config, cache_dir=tmp_path)
+    assert plan is not None and plan.startswith("plan: the model is not cached: fine-tuning it first, 2 epoch(s)")
+    assert f"× {-(-MNLI_TRAIN_PAIRS // 32)} batches of 32 on {MNLI_TRAIN_PAIRS:,} training pairs" in plan
+    assert "the default recipe took 548-692 s on 2 CPU cores" in plan
+    train, validation = _recipe_records(config)
+    folder = _cache_path(config, train + validation, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / METRICS_FILE).write_text("{}")
+    assert training_plan(config, cache_dir=tmp_path) is None

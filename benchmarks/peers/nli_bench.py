@@ -2,7 +2,8 @@
 
 Model: the embedded MiniLM-L6 NLI classifier (``train_nli_classifier(NLITrainConfig())``, cached); influence over
 the pooler + classifier (148,995 parameters); damping ``NLI_DAMPING`` on top of the training L2 (the Hessian has
-negative eigenvalues, docs/nli-model.md). Every method runs end to end from the trained model, one after another in one process:
+negative eigenvalues, docs/nli-model.md). Every method runs end to end from the trained model, one after another in
+one process:
 fastif's FastIF pipeline (FAISS kNN candidates, batch-1 LiSSA s_test, JVP scores) on the whole model and on its
 frozen-bottom cache (one no-grad forward per example, then everything on the pooler + classifier), fastif's full
 scans (LiSSA on the whole model; CG on the cached head), kronfluence's EK-FAC over all 8,000 points, and captum /

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from fastif import CG, AdapterConfig, HFClassifierAdapter, Influence, ScoreConfig
 from fastif.data.text import TextPairData
 from fastif.model.hf import L2_EXCLUDE
-from fastif.recipes.nli import NLI3_LABELS, NLI_DAMPING, NLITrainConfig, load_embedded, train_nli_classifier
+from fastif.recipes.nli import NLI_DAMPING, NLITrainConfig, load_embedded, nli_label_scheme, train_nli_classifier
 
 INCLUDE = ("bert.pooler", "classifier")
 TRACKED_MODULES = ("bert.pooler.dense", "classifier")
@@ -31,7 +31,7 @@ TRACKED_MODULES = ("bert.pooler.dense", "classifier")
 
 @dataclass(frozen=True)
 class NLISpec:
-    """Sizes, damping and seeds of task (c)."""
+    """Sizes, damping, label count (3, or 2: entailment vs not) and seeds of task (c)."""
 
     n_train: int = 8000
     n_test: int = 10
@@ -39,6 +39,7 @@ class NLISpec:
     damping: float = NLI_DAMPING
     max_length: int = 128
     seed: int = 0
+    num_labels: int = 3
 
 
 @dataclass
@@ -65,14 +66,15 @@ class NLIProblem:
 
 def build_problem(spec: NLISpec) -> NLIProblem:
     """Load (or train once, cached) the embedded NLI model; sort the training pairs by length to cut padding."""
-    trained = train_nli_classifier(NLITrainConfig(), progress=False)
-    tokenizer = trained.tokenizer
-    everything = TextPairData(load_embedded("mnli_train")[: spec.n_train], tokenizer, spec.max_length, NLI3_LABELS)
+    trained = train_nli_classifier(NLITrainConfig(num_labels=spec.num_labels), progress=False)
+    tokenizer, labels = trained.tokenizer, nli_label_scheme(spec.num_labels)[0]
+    records = load_embedded("mnli_train", spec.num_labels)[: spec.n_train]
+    everything = TextPairData(records, tokenizer, spec.max_length, labels)
     order = np.argsort(everything.lengths, kind="stable")
     train = everything.subset(order.tolist())
-    pool = load_embedded("mnli_test")[: spec.test_pool]
+    pool = load_embedded("mnli_test", spec.num_labels)[: spec.test_pool]
     picked = np.sort(np.random.default_rng(spec.seed).choice(len(pool), size=spec.n_test, replace=False))
-    test = TextPairData([pool[i] for i in picked], tokenizer, spec.max_length, NLI3_LABELS)
+    test = TextPairData([pool[i] for i in picked], tokenizer, spec.max_length, labels)
     info = {"model_path": str(trained.path), "metrics": trained.metrics, "test_pool_indices": picked.tolist()}
     return NLIProblem(spec, trained.model.eval(), train, order, test, trained.config.l2, info)
 

@@ -132,6 +132,14 @@ def _check_index_folder(folder: Path) -> None:
         )
 
 
+def _load_model(pipeline: Any) -> None:
+    """Load the pipeline's model, saying first when that means training it (minutes), then what was loaded."""
+    plan = pipeline.recipe.load_plan(pipeline.config.model)
+    if plan:
+        print(plan, flush=True)
+    print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+
+
 def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, intro: str = "") -> int:
     """Shared body of ``demo`` and ``influence``: load, index, explain, print, write."""
     from ..pipeline import Pipeline, format_timings, print_report, with_overrides, write_results
@@ -145,7 +153,7 @@ def _explain(args: argparse.Namespace, defaults: dict[str, Any] | None = None, i
     if intro:
         print(intro)
     pipeline = Pipeline(config)
-    print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+    _load_model(pipeline)
     print(pass_plan(pipeline), flush=True)
     for line in pipeline.prepare():  # the one-off stages, reported before the slow part
         print(line, flush=True)
@@ -190,7 +198,7 @@ def _index(args: argparse.Namespace) -> int:
     config = _pipeline_config(args)
     _check_outputs(config, index=True, results=False)
     pipeline = Pipeline(config)
-    print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
+    _load_model(pipeline)
     pipeline.index  # noqa: B018 - builds or loads the index
     print(describe_index(pipeline.index_info) + f" in {pipeline.timings['index']:.1f} s")
     path = save_config(config, Path(config.output.folder) / "pipeline_config.json")
@@ -212,10 +220,14 @@ def _copy_model(source: Path, target: Path) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from ..recipes.nli import train_nli_classifier
+    from ..recipes.nli.model import training_plan
 
     config = _pipeline_config(args)
     if args.output is not None:
         _check_copy_target(args.output)
+    plan = training_plan(config.model.recipe)
+    if plan:
+        print(plan, flush=True)
     trained = train_nli_classifier(config.model.recipe, progress=config.output.progress)
     labels = [trained.model.config.id2label[i] for i in range(trained.model.config.num_labels)]
     info = {"source": "embedded recipe", "path": str(trained.path), "from_cache": trained.from_cache}

@@ -19,8 +19,10 @@ from ..solvers.lissa import first_attempt
 if TYPE_CHECKING:
     from .core import Pipeline
 
-SAMPLE_BATCHES = 4
-SAMPLE_BATCH_SIZE = 8
+SAMPLE_BATCHES = 3
+"""Batches the training-pass estimate times, at the pass's own batch size (batches of 8 ran slower per example and
+put the demo's 181 s pass at 8.0 min, ``benchmarks/results/demo/new_model_stopped_run.log``)."""
+WARM_UP_SIZE = 8
 
 
 def _seconds(work: Callable[[], object]) -> float:
@@ -37,14 +39,15 @@ def _duration(seconds: float) -> str:
 
 @torch.no_grad()
 def pass_seconds(pipeline: Pipeline) -> float:
-    """The training pass's time: a no-grad forward over a few short batches spread over the length order (after
-    one untimed warm-up batch), scaled to the training set."""
+    """The training pass's time: a no-grad forward over a few batches of the pass's batch size, spread over its
+    length order (after one small untimed warm-up batch), scaled to the training set."""
     train, adapter = pipeline.train, pipeline.adapter
+    batch_size = pipeline.influence.score_config.batch_size
     order = length_order(train, range(len(train)))
-    starts = [int(q * len(order)) for q in (0.125, 0.375, 0.625, 0.875)][:SAMPLE_BATCHES]
-    chunks = [order[start : start + SAMPLE_BATCH_SIZE] for start in starts]
+    starts = [int((part + 0.5) / SAMPLE_BATCHES * len(order)) for part in range(SAMPLE_BATCHES)]
+    chunks = [order[start : start + batch_size] for start in starts]
     chunks = [chunk for chunk in chunks if chunk]
-    adapter.features(adapter.to_device(train.batch(chunks[0])))  # warm-up: the first forward sets things up
+    adapter.features(adapter.to_device(train.batch(order[:WARM_UP_SIZE])))  # the first forward sets things up
     seconds = sum(_seconds(lambda c=chunk: adapter.features(adapter.to_device(train.batch(c)))) for chunk in chunks)
     return seconds / sum(len(chunk) for chunk in chunks) * len(train)
 
@@ -63,7 +66,7 @@ def pass_plan(pipeline: Pipeline) -> str:
         return f"plan: the {what} over {n:,} training points is in the cache ({store.folder}): reused"
     return (
         f"plan: {what} over {n:,} training points, about {_duration(pass_seconds(pipeline))} (estimated from "
-        f"{SAMPLE_BATCHES * SAMPLE_BATCH_SIZE} of them timed now), then cached for every later run"
+        f"{SAMPLE_BATCHES} batches of them timed now), then cached for every later run"
     )
 
 

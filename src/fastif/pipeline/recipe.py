@@ -61,6 +61,10 @@ class Recipe(Protocol):
         """The recipe's typed training options from ``None`` (defaults), a dict (a config table) or an instance."""
         ...
 
+    def load_plan(self, model: ModelConfig) -> str | None:
+        """One "plan:" line when loading ``model`` takes long (e.g. training it first), else None."""
+        ...
+
     def load_model(self, model: ModelConfig, data: DataConfig, device: torch.device, progress: bool) -> LoadedModel:
         """The model ``model.model`` names (``"embedded"``: the recipe's own, trained once and cached)."""
         ...

@@ -25,6 +25,7 @@ from .model import (
     load_minilm_tokenizer,
     load_trained,
     train_nli_classifier,
+    training_plan,
 )
 
 
@@ -89,6 +90,10 @@ class NLIRecipe:
         if isinstance(value, dict):
             return config_from_dict(NLITrainConfig, value, "model.recipe.")
         raise ConfigError(f"model.recipe must be a table of NLITrainConfig options, got {type(value).__name__}")
+
+    def load_plan(self, model: ModelConfig) -> str | None:
+        """A "plan:" line when the embedded model must be trained first (minutes); None otherwise."""
+        return training_plan(model.recipe) if model.model == EMBEDDED_MODEL else None
 
     def load_model(self, model: ModelConfig, data: DataConfig, device: torch.device, progress: bool) -> LoadedModel:
         """The embedded recipe's model (trained once, then cached), a ``fastif train`` folder, or any HF classifier."""
