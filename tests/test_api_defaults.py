@@ -110,7 +110,7 @@ def _cli_lissa(*argv: str) -> LiSSAConfig:
     from fastif.cli.options import _pipeline_config
 
     pipeline = Pipeline(_pipeline_config(build_parser().parse_args(["influence", *argv])))
-    _, repeats = pipeline._workers()
+    _, repeats = pipeline.parallelism()
     return solver_config(pipeline.config.solver, pipeline.config.seed, repeats)
 
 
@@ -120,7 +120,7 @@ def test_the_pipeline_and_cli_lissa_default_is_the_apis_automatic_mode():
     stage = SolverStageConfig(damping=0.3)
     assert solver_config(stage, seed=0, repeats=None) == LiSSAConfig(damping=0.3)
     default = Pipeline(PipelineConfig())
-    _, repeats = default._workers()
+    _, repeats = default.parallelism()
     solved = solver_config(default.config.solver, default.config.seed, repeats)
     assert solved == LiSSAConfig(damping=default.config.solver.damping) and solved.adaptive
     assert _cli_lissa() == solved

@@ -212,7 +212,7 @@ class Pipeline:
         given = self.config.output.index_folder
         return Path(given) if given else index_cache_folder(self.store_identity)
 
-    def _open_store(self) -> Store:
+    def open_store(self) -> Store:
         """The index store for this model and training set; with ``overwrite``, a mismatched one is emptied."""
         identity, folder = self.store_identity, self.index_folder
         try:
@@ -226,7 +226,7 @@ class Pipeline:
     def influence(self) -> Influence:
         """The facade every influence step goes through: solver, score settings, the frozen path and the index."""
         stage, scoring = self.config.solver, self.config.scoring
-        _, repeats = self._workers()
+        _, repeats = self.parallelism()
         solver = solver_from_config(solver_config(stage, self.config.seed, repeats))
         return Influence(
             self.adapter,
@@ -243,7 +243,7 @@ class Pipeline:
         """The one pass over the training set (activations on the frozen path, else kNN features): loaded from the
         store when it holds it, else computed and saved there. Returns what ran, for the report."""
         influence = self.influence
-        with self.stage("index"), self._open_store() as store:
+        with self.stage("index"), self.open_store() as store:
             influence.cache = store
             try:
                 loaded = influence.cached_training_pass()
@@ -255,7 +255,7 @@ class Pipeline:
     def index(self) -> CandidateIndex:
         """The FAISS index over the training features: loaded from the store when it holds one, else built, saved."""
         influence, info = self.influence, self.training_pass
-        with self.stage("index"), self._open_store() as store:
+        with self.stage("index"), self.open_store() as store:
             folder = store.folder / FAISS_FOLDER
             try:
                 index = CandidateIndex.load(folder)
@@ -375,7 +375,7 @@ class Pipeline:
         influence.use_gradient_store(store)
         return store
 
-    def _workers(self) -> tuple[int, int | None]:
+    def parallelism(self) -> tuple[int, int | None]:
         """(worker processes, LiSSA repeats): repeats default to the number of workers; LiSSA's automatic mode runs
         in this process (the runner does not split its attempts) with its own chain count unless one is set."""
         stage = self.config.solver
@@ -442,7 +442,7 @@ class Pipeline:
             self.training_pass  # noqa: B018 (the frozen path's activations: loaded or computed once)
         if method == "features":
             self.index  # noqa: B018
-        workers, _ = self._workers()
+        workers, _ = self.parallelism()
         count = None if method == "all" else self.config.candidates.count
         if count is not None and count > len(self.train):
             raise DataError(

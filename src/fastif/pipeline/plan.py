@@ -56,7 +56,7 @@ def pass_plan(pipeline: Pipeline) -> str:
     """One line: whether the training pass will be reused, or how long computing it should take."""
     influence, n = pipeline.influence, len(pipeline.train)
     what = "frozen-bottom pass" if influence.split is not None else "feature pass"
-    with pipeline._open_store() as store:
+    with pipeline.open_store() as store:
         influence.cache = store
         try:
             cached = influence.training_pass_cached()
@@ -98,7 +98,7 @@ def query_plan(pipeline: Pipeline) -> str:
     scoring = f"scores of {count:,} training points per test point ≈ {_duration(scores)} for all {rows}"
     if not lissa:
         return f"plan: {rows} s_test row(s) by {config.solver.method}, one HVP ≈ {step * 1000:.0f} ms; {scoring}"
-    workers, _ = pipeline._workers()
+    workers, _ = pipeline.parallelism()
     chains = -(-repeats // workers)  # chains each worker runs, one after another
     timed_step = f"one step at batch {len(batch)} timed now: {step * 1000:.1f} ms"
     if influence.solver.config.adaptive:
