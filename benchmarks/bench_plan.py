@@ -5,6 +5,7 @@ into a fresh ``FASTIF_CACHE``, so the frozen-bottom pass is computed, not reused
 estimate of the pass against the pass's own measured time, the estimate of LiSSA's first attempt and of the scores
 against the "times:" line. The automatic LiSSA's later attempts are not estimated (the plan says so), so the s_test
 row reports its attempts beside the ratio. The model must be cached (``fastif demo`` once, or ``fastif train``).
+The demo's whole output goes to ``--log``.
 
     python -m benchmarks.bench_plan --output benchmarks/results/plan_estimates.json
 """
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fastif.files import atomic_write_json
+from fastif.files import atomic_write_json, atomic_write_text
 from fastif.recipes.nli import default_cache_dir
 from fastif.telemetry import machine_info
 
@@ -77,6 +78,7 @@ def estimates(output: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results/plan_estimates.json")
+    parser.add_argument("--log", default="benchmarks/results/demo/plan_run.log", help="the demo's full output")
     args = parser.parse_args()
     models = default_cache_dir()
     if not models.is_dir() or not any(models.iterdir()):
@@ -104,6 +106,7 @@ def main() -> None:
         "machine_after": machine_info(),
     }
     atomic_write_json(args.output, results)
+    atomic_write_text(args.log, f"# command: {results['demo_command']} ({results['date']})\n{done.stdout}")
     print(results)
 
 
