@@ -119,7 +119,10 @@ def test_losses_and_gradients_equal_the_models_own_in_a_loop(kind: str, tied: bo
         loss.backward()
         torch.testing.assert_close(losses[row], loss.detach(), rtol=1e-10, atol=1e-12)
         expected = torch.cat([named[name].grad.reshape(-1) for name in adapter.names])
-        torch.testing.assert_close(grads[row], expected, rtol=1e-8, atol=1e-12)
+        if kind == "llama":  # HF's RMSNorm rounds to float32 even in float64: agreement to float32 rounding only
+            torch.testing.assert_close(grads[row], expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
+        else:
+            torch.testing.assert_close(grads[row], expected, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])

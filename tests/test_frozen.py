@@ -64,6 +64,18 @@ def _config(kind: str) -> transformers.PretrainedConfig:
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "mistral")
 DECODERS = ("gpt2", "llama", "qwen2", "mistral")
+RMS_NORM_IN_FLOAT32 = ("llama", "qwen2", "mistral")
+"""HF computes these models' RMSNorm in float32 even in a float64 model: two paths agree to float32 rounding only
+(which float32 kernels a CPU picks decides how close; an AMD EPYC runner put llama and qwen2 at 2e-8 relative)."""
+
+
+def _assert_agree(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    """Float64 agreement, or float32 rounding relative to the largest entry for a model that rounds to float32."""
+    if kind in RMS_NORM_IN_FLOAT32:
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-8 * scale)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
 
 
 def _top_names(model: torch.nn.Module, split_layers: str, trainable: int) -> tuple[str, ...]:
@@ -99,7 +111,8 @@ def _adapter(kind: str, trainable: int) -> HFClassifierAdapter:
 @pytest.mark.parametrize("trainable", [0, 1, 2])
 @pytest.mark.parametrize("kind", ZOO)
 def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
-    """s_test, scores, kNN candidates and top-k agree to float64 rounding with the cache on and off."""
+    """s_test, scores, kNN candidates and top-k agree with the cache on and off: to float64 rounding, or to float32
+    rounding for a model whose RMSNorm rounds to float32."""
     adapter = _adapter(kind, trainable)
     pad = adapter.model.config.pad_token_id
     train, test = TokenData(24, 1, pad), TokenData(3, 2, pad)
@@ -111,10 +124,10 @@ def test_frozen_equals_unfrozen(kind: str, trainable: int) -> None:
         knn = influence.candidate_scores(test, num_candidates=6)
         runs[frozen] = (all_points, knn, influence.top_k(test, k=3))
     (full_on, knn_on, top_on), (full_off, knn_off, top_off) = runs["on"], runs["off"]
-    torch.testing.assert_close(full_on.solve.x, full_off.solve.x, rtol=1e-8, atol=1e-12)
-    torch.testing.assert_close(full_on.scores, full_off.scores, rtol=1e-8, atol=1e-12)
+    _assert_agree(full_on.solve.x, full_off.solve.x, kind)
+    _assert_agree(full_on.scores, full_off.scores, kind)
     assert torch.equal(knn_on.indices, knn_off.indices)
-    torch.testing.assert_close(knn_on.scores, knn_off.scores, rtol=1e-8, atol=1e-12)
+    _assert_agree(knn_on.scores, knn_off.scores, kind)
     assert torch.equal(top_on.helpful_indices, top_off.helpful_indices)
     assert torch.equal(top_on.harmful_indices, top_off.harmful_indices)
 
