@@ -132,11 +132,15 @@ def _check_index_folder(folder: Path) -> None:
         )
 
 
-def _load_model(pipeline: Any) -> None:
-    """Load the pipeline's model, saying first when that means training it (minutes), then what was loaded."""
-    plan = pipeline.recipe.load_plan(pipeline.config.model)
+def _print_plan(plan: str | None) -> None:
+    """Print a "plan:" line, if there is one, before the slow step it announces."""
     if plan:
         print(plan, flush=True)
+
+
+def _load_model(pipeline: Any) -> None:
+    """Load the pipeline's model, saying first when that means training it (minutes), then what was loaded."""
+    _print_plan(pipeline.recipe.load_plan(pipeline.config.model))
     print(_describe_model(pipeline.loaded.info, pipeline.loaded.label_names), flush=True)
 
 
@@ -225,9 +229,7 @@ def _train(args: argparse.Namespace) -> int:
     config = _pipeline_config(args)
     if args.output is not None:
         _check_copy_target(args.output)
-    plan = training_plan(config.model.recipe)
-    if plan:
-        print(plan, flush=True)
+    _print_plan(training_plan(config.model.recipe))
     trained = train_nli_classifier(config.model.recipe, progress=config.output.progress)
     labels = [trained.model.config.id2label[i] for i in range(trained.model.config.num_labels)]
     info = {"source": "embedded recipe", "path": str(trained.path), "from_cache": trained.from_cache}
