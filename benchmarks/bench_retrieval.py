@@ -47,7 +47,7 @@ from fastif.hvp import Hessian
 from fastif.influence import CandidateScores, Influence
 from fastif.model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapter
 from fastif.projection import ProjectionConfig
-from fastif.recipes.nli import NLI3_LABELS, NLITrainConfig, load_embedded, train_nli_classifier
+from fastif.recipes.nli import NLI3_LABELS, NLI_DAMPING, NLITrainConfig, load_embedded, train_nli_classifier
 from fastif.scores import ScoreConfig
 from fastif.solvers import CG, CGConfig, LiSSA, LiSSAConfig, Solver, SolveResult
 
@@ -154,7 +154,7 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
         adapter,
         train,
         test,
-        damping=0.3,
+        damping=NLI_DAMPING,
         frozen="on",
         projections=projections,
         default_projection="factored-32",

@@ -17,6 +17,7 @@ from fastif.pipeline import (
     ParameterConfig,
     Pipeline,
     PipelineConfig,
+    SolverStageConfig,
     load_pipeline_config,
     run_pipeline,
     selected_parameters,
@@ -211,6 +212,23 @@ def test_parallel_lissa_chains_match_the_serial_ones(tiny, tmp_path):
         assert [row["train_index"] for row in one] == [row["train_index"] for row in two]
         scores = [torch.tensor([row["score"] for row in rows]) for rows in (one, two)]
         torch.testing.assert_close(*scores, rtol=1e-4, atol=1e-6)
+
+
+def test_a_preconditioned_lissa_runs_through_the_pipeline_and_is_recorded(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, **{"scoring.test_indices": [0], "solver.preconditioner": "ekfac"})
+    report, _ = run_pipeline(config)
+    assert report["s_test"]["preconditioner"] == "ekfac"
+    saved = json.loads((tmp_path / "pipeline_config.json").read_text(encoding="utf-8"))
+    assert saved["solver"]["preconditioner"] == "ekfac"
+
+
+@pytest.mark.parametrize(
+    ("method", "preconditioner", "match"),
+    [("cg", "ekfac", "applies to lissa and pcg only, not 'cg'"), ("pcg", "none", r"must be one of \['ekfac', 'kfac'\]")],
+)
+def test_a_preconditioner_the_solver_cannot_take_is_refused(method, preconditioner, match):
+    with pytest.raises(ConfigError, match=match):
+        SolverStageConfig(method=method, preconditioner=preconditioner)
 
 
 def test_default_parameters_are_the_top_layers_pooler_and_classifier():

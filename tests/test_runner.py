@@ -29,6 +29,7 @@ from fastif.errors import ConfigError, DataError, ModelError, SolverError, Store
 from fastif.hvp import Hessian
 from fastif.runner import Runner, RunnerConfig
 from fastif.solvers import LiSSA
+from fastif.solvers.kfac import EKFACConfig
 
 # A tiny problem every process builds identically; written to a file so torchrun ranks and subprocesses import it.
 PROBLEM_SOURCE = '''
@@ -184,6 +185,18 @@ def test_serial_runner_matches_the_lissa_solver(problem, serial):
     solver = LiSSA(problem.LISSA).fit(Hessian(base.adapter, base.train, None, 32))
     direct = solver.solve(problem.query_gradients(base)).x
     torch.testing.assert_close(serial["lissa"], direct, rtol=1e-10, atol=0)
+
+
+def test_preconditioned_lissa_runs_on_the_main_rank_with_the_solver_s_answer(problem):
+    """Fixed-mode LiSSA with an EK-FAC preconditioner is not spread over the workers (each would refit the
+    factors): two local processes give exactly the solver's own answer."""
+    config = replace(problem.LISSA, preconditioner=EKFACConfig(damping=1.0))
+    base = problem.make()
+    direct = LiSSA(config).fit(Hessian(base.adapter, base.train, None, 32)).solve(problem.query_gradients(base))
+    with Runner(problem.build, LOCAL) as runner:
+        result = runner.solve(config, problem.query_gradients(runner.problem))
+    torch.testing.assert_close(result.x, direct.x, rtol=1e-10, atol=0)
+    assert result.info["preconditioner"] == "ekfac"
 
 
 def test_two_local_processes_equal_serial(serial, local_run):

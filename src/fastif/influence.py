@@ -48,7 +48,7 @@ from .recall import RecallEstimate, estimate_recall
 from .runner import Problem, Runner, RunnerConfig
 from .scores import ScoreConfig, score_matrix
 from .solvers import CG, Solver, SolveResult
-from .solvers.kfac import KFAC, PCG
+from .solvers.kfac import KFAC
 from .store import Store
 from .store.artifacts import cached_encoding, has_encoding
 from .store.kfac import fit_stored
@@ -237,13 +237,15 @@ class Influence:
 
     def fit(self) -> Influence:
         """Fit the solver on the training Hessian (runs once; later calls are free). With ``cache``, K-FAC and
-        EK-FAC factors (and PCG's preconditioner) are kept there shard by shard, so a later run reloads them."""
+        EK-FAC factors (and the preconditioner of PCG or LiSSA) are kept there shard by shard, so a later run
+        reloads them."""
         if not self._fitted:
             solver, hessian = self.solver, self.hessian
+            preconditioner = solver.unfitted_preconditioner()
             if self.cache is not None and isinstance(solver, KFAC):
                 fit_stored(solver, hessian, self.cache)
-            elif self.cache is not None and isinstance(solver, PCG):
-                solver.fit(hessian, fit_stored(solver.unfitted_preconditioner(), hessian, self.cache))
+            elif self.cache is not None and preconditioner is not None:
+                solver.fit(hessian, fit_stored(preconditioner, hessian, self.cache))
             else:
                 solver.fit(hessian)
             self._fitted = True

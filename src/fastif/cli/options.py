@@ -231,6 +231,13 @@ SOLVER = (
         _Option(("--max-steps",), "solver.max_steps", "automatic LiSSA's steps over all chains and attempts", int),
         _Option(("--scale",), "solver.scale", "LiSSA scale (default: automatic, by power iteration)", float),
         _Option(
+            ("--preconditioner",),
+            "solver.preconditioner",
+            "LiSSA or PCG preconditioner, fitted at --damping (default: none for LiSSA, ekfac for PCG)",
+            str,
+            ("ekfac", "kfac", "none"),
+        ),
+        _Option(
             ("--workers",),
             "solver.workers",
             "processes for LiSSA's chains at a set --depth (default: one per CPU core; automatic LiSSA runs in one)",

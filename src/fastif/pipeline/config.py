@@ -151,6 +151,8 @@ class SolverStageConfig:
     (``scale_samples`` batches × ``power_iterations``) so the recursion contracts. ``workers`` = processes for the
     fixed mode's chains (``None`` = one per usable CPU core); the automatic mode runs in one process. CG / Arnoldi
     use full-data HVPs in batches of ``hessian_batch_size``. ``damping=None`` takes the recipe's damping.
+    ``preconditioner`` (``"ekfac"``, ``"kfac"`` or ``"none"``; LiSSA and PCG only) is fitted at the solver's damping
+    and seed; unset, LiSSA runs without one and PCG with EK-FAC.
     """
 
     method: str = "lissa"
@@ -168,12 +170,14 @@ class SolverStageConfig:
     max_iterations: int = 100
     rank: int = 20
     hessian_batch_size: int = 32
+    preconditioner: Literal["ekfac", "kfac", "none"] | None = None
 
     def __post_init__(self) -> None:
         """Refuse an unknown solver, non-positive sizes, a negative or non-finite damping, a non-positive scale or
-        residual target, a tail outside [0, 1)."""
+        residual target, a tail outside [0, 1), and a preconditioner the solver cannot take."""
         if self.method not in SOLVERS:
             raise ConfigError(f"solver.method must be one of {sorted(SOLVERS)}, got {self.method!r}")
+        check_stage_preconditioner(self.method, self.preconditioner)
         sizes = ("scale_samples", "power_iterations", "max_steps", "max_iterations", "rank", "hessian_batch_size")
         for name in sizes:
             check_number(f"solver.{name}", getattr(self, name), integer=True, minimum=1)
@@ -183,6 +187,27 @@ class SolverStageConfig:
         check_number("solver.scale", self.scale, above=0, optional=True)
         check_number("solver.tail_average", self.tail_average, minimum=0, below=1, optional=True)
         check_number("solver.target_residual", self.target_residual, above=0)
+
+
+PRECONDITIONED = {"lissa": ("ekfac", "kfac", "none"), "pcg": ("ekfac", "kfac")}
+"""The solvers that take ``solver.preconditioner``, and the values each accepts."""
+
+
+def check_stage_preconditioner(method: str, preconditioner: str | None) -> None:
+    """Refuse ``solver.preconditioner`` for a solver that has none, or a value it cannot take."""
+    if preconditioner is None:
+        return
+    accepted = PRECONDITIONED.get(method)
+    if accepted is None:
+        raise ConfigError(
+            f"solver.preconditioner applies to {' and '.join(PRECONDITIONED)} only, not {method!r}; remove it",
+            "solver.preconditioner",
+        )
+    if preconditioner not in accepted:
+        raise ConfigError(
+            f"solver.preconditioner for {method} must be one of {list(accepted)}, got {preconditioner!r}",
+            "solver.preconditioner",
+        )
 
 
 @dataclass(frozen=True)

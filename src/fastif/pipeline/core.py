@@ -39,6 +39,7 @@ from ..model.predict import dataset_labels
 from ..runner import RunnerConfig, usable_cores
 from ..scores import ScoreConfig
 from ..solvers import SOLVERS, solver_from_config
+from ..solvers.kfac import EKFACConfig, KFACConfig
 from ..solvers.lissa import first_attempt
 from ..store import Store
 from ..store.artifacts import index_cache_folder
@@ -95,8 +96,17 @@ def solver_config(config: SolverStageConfig, seed: int, repeats: int | None) -> 
     seed, and LiSSA's ``repeats``."""
     config_class = SOLVERS[config.method].config_class
     stage = {**dataclasses.asdict(config), "seed": seed, "repeats": repeats}
+    stage["preconditioner"] = _preconditioner_config(config, seed)
     fields = {field.name for field in dataclasses.fields(config_class)}
     return config_class(**{name: value for name, value in stage.items() if name in fields})
+
+
+def _preconditioner_config(config: SolverStageConfig, seed: int) -> EKFACConfig | KFACConfig | None:
+    """The factor config ``solver.preconditioner`` names, at the stage's damping and the run's seed."""
+    if config.preconditioner in (None, "none"):
+        return None
+    factors = EKFACConfig if config.preconditioner == "ekfac" else KFACConfig
+    return factors(damping=config.damping or 0.0, seed=seed)
 
 
 def _recall_json(recall: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,13 @@ def _json_ready(info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in info.items() if not isinstance(value, Tensor)}
 
 
+def _chains_spread(config: Any) -> bool:
+    """True for a fixed-mode LiSSA without a preconditioner: its chains are independent given the scale, so each
+    rank runs its share (the automatic mode warm-starts each attempt from the last; a preconditioner would be
+    refitted on every rank)."""
+    return isinstance(config, LiSSAConfig) and not config.adaptive and config.preconditioner is None
+
+
 class Runner(RankGroup):
     """Runs s_test solves and candidate scoring on the backend of ``config``; ``build(device)`` makes each rank's
     :class:`Problem` (a processes runner on CPU builds it once here and forks it to the workers).
@@ -97,8 +104,9 @@ class Runner(RankGroup):
     ) -> SolveResult:
         """``s_test = (H + damping·I)⁻¹ v`` for the rows of ``vectors`` [k, P] with solver ``config``.
 
-        LiSSA chains are spread over the ranks; other solvers run on the main rank. Arguments are read on the main
-        rank only. With a ``store`` the result is saved as entry ``name`` and later calls load it instead.
+        Fixed-mode LiSSA chains without a preconditioner are spread over the ranks; other solvers (and the
+        automatic or preconditioned LiSSA) run on the main rank. Arguments are read on the main rank only. With a
+        ``store`` the result is saved as entry ``name`` and later calls load it instead.
         """
         header, private = self._on_main(lambda: self._solve_plan(config, vectors, store, name))
         self._check_model(header["model"])
@@ -106,7 +114,7 @@ class Runner(RankGroup):
             return SolveResult(self._broadcast(private, header["shape"], header["dtype"]), header["info"])
         vectors = self._broadcast(private, header["shape"], header["dtype"])
         hessian = self._hessian()
-        if isinstance(header["config"], LiSSAConfig) and not header["config"].adaptive:  # adaptive: main rank
+        if _chains_spread(header["config"]):
             result = self._lissa(header["config"], hessian, vectors)
         else:
             result = self._solve_on_main(header["config"], hessian, vectors)

@@ -56,6 +56,11 @@ class Solver(ABC):
         self.hessian = hessian
         return self
 
+    def unfitted_preconditioner(self) -> Solver | None:
+        """The solver this one is preconditioned by, not yet fitted (None: none). The facade fits it through its
+        cache store and passes it to ``fit(hessian, preconditioner)``."""
+        return None
+
     def _fitted(self) -> Hessian:
         if self.hessian is None:
             raise SolverError(f"{type(self).__name__} is not fitted: call .fit(hessian) first")

@@ -18,6 +18,7 @@ from ..hvp import Hessian
 from .arnoldi import smallest_ritz_value
 from .base import Solver, SolveResult, check_damping, check_seed, residual_info
 from .cg import LANCZOS_STEPS
+from .kfac import EKFAC, KFAC, EKFACConfig, KFACConfig, check_preconditioner
 
 FASTIF_DEPTH = 1000
 """Steps per chain of :meth:`LiSSAConfig.from_fastif` unless given (this library's long-standing default)."""
@@ -45,6 +46,11 @@ class LiSSAConfig:
 
     ``LiSSA()`` is the automatic mode, and so are the pipeline's and the CLI's defaults (``SolverStageConfig``
     takes these defaults; docs/cli.md), pinned by ``tests/test_api_defaults.py``.
+
+    ``preconditioner`` (a K-FAC or EK-FAC config, default None) runs the recursion on ``P(H + damping·I)``, with
+    ``P`` that solver's approximate inverse: each step is ``x ← x + P(v − (H_B + damping·I)x) / scale``, started at
+    ``x = Pv``, and ``scale`` is ``scale_margin`` × the top eigenvalue of ``P(H_B + damping·I)``. The fixed point
+    is the same s_test; a good ``P`` makes the operator's spectrum narrow, so far fewer steps settle the chains.
     """
 
     damping: float = DEFAULT_DAMPING
@@ -59,11 +65,14 @@ class LiSSAConfig:
     tail_average: float | None = None
     target_residual: float = 0.01
     max_steps: int = 20_000
+    preconditioner: EKFACConfig | KFACConfig | None = None
 
     def __post_init__(self) -> None:
-        """Refuse values that cannot run: sizes below 1, a tail outside [0, 1), a scale or target not > 0, and a
-        ``scale_margin`` <= 0.5 (the recursion contracts only when scale > (top eigenvalue + damping) / 2)."""
+        """Refuse values that cannot run: sizes below 1, a tail outside [0, 1), a scale or target not > 0, a
+        ``scale_margin`` <= 0.5 (the recursion contracts only when scale > (top eigenvalue + damping) / 2), and a
+        preconditioner that is not a K-FAC / EK-FAC config."""
         check_damping(self.damping)
+        check_preconditioner(self.preconditioner)
         check_seed(self.seed)
         check_number("solver.scale", self.scale, above=0, optional=True)
         for name in ("depth", "repeats", "batch_size"):
@@ -129,36 +138,54 @@ class LiSSA(Solver, name="lissa"):
     config_class = LiSSAConfig
     iterative = True
 
-    def fit(self, hessian: Hessian) -> LiSSA:
+    def fit(self, hessian: Hessian, preconditioner: KFAC | None = None) -> LiSSA:
+        """Resolve the options, fit the preconditioner (or take ``preconditioner``, already fitted on
+        ``hessian``) and pick the scale; returns self."""
         config = self.config
         super().fit(hessian)
+        if preconditioner is None and config.preconditioner is not None:
+            preconditioner = self.unfitted_preconditioner().fit(hessian)
+        self.preconditioner = preconditioner
         auto = config.adaptive
         self.depth, self.batch_size, self.repeats = first_attempt(config, hessian.num_examples)
         self.tail_average = config.tail_average if config.tail_average is not None else (AUTO_TAIL if auto else 0.0)
         self.top_eigenvalue: float | None = None
         if config.scale is None:
             self.top_eigenvalue = self._estimate_top_eigenvalue(hessian)
-            self.scale = max(config.scale_margin * (self.top_eigenvalue + config.damping), 1e-12)
+            damping = 0.0 if self.preconditioner is not None else config.damping  # P's operator includes it
+            self.scale = max(config.scale_margin * (self.top_eigenvalue + damping), 1e-12)
         else:
             self.scale = config.scale
         return self
 
-    def _estimate_top_eigenvalue(self, hessian: Hessian) -> float:
-        """Max over a few random batches of the batch Hessian's top eigenvalue: what the recursion must contract."""
+    def unfitted_preconditioner(self) -> KFAC | None:
+        """The K-FAC or EK-FAC solver of ``config.preconditioner``, not fitted (None when there is none)."""
+        options = self.config.preconditioner
+        if options is None:
+            return None
+        return (EKFAC if isinstance(options, EKFACConfig) else KFAC)(options)
+
+    def _precondition(self, vectors: Tensor) -> Tensor:
+        """``P vectors`` for a [k, P] stack or one [P] vector (the identity without a preconditioner)."""
+        if self.preconditioner is None:
+            return vectors
+        return self.preconditioner.solve(vectors.reshape(-1, vectors.shape[-1])).x.reshape(vectors.shape)
+
+    def _estimate_top_eigenvalue(self, hessian: Hessian, batch_size: int | None = None) -> float:
+        """Max over a few random batches (of ``batch_size``, default the fitted one) of the top eigenvalue of the
+        batch Hessian (preconditioned: of ``P(H_B + damping·I)``): what the recursion must contract."""
         generator = torch.Generator().manual_seed(self.config.seed)
         rng = np.random.default_rng((self.config.seed, 2**31))
+        damping = self.config.damping
         estimates = []
         for _ in range(self.config.scale_samples):
-            indices = self._draw(rng, hessian.num_examples)
-            estimates.append(
-                _power_iteration(
-                    lambda v, i=indices: hessian.batch_matvec(v, i),
-                    hessian.dim,
-                    self.config.power_iterations,
-                    generator,
-                    hessian.flat,
-                )
-            )
+            indices = self._draw(rng, hessian.num_examples, batch_size)
+            if self.preconditioner is None:
+                matvec = lambda v, i=indices: hessian.batch_matvec(v, i)  # noqa: E731
+            else:
+                matvec = lambda v, i=indices: self._precondition(hessian.batch_matvec(v, i) + damping * v)  # noqa: E731
+            iterations = self.config.power_iterations
+            estimates.append(_power_iteration(matvec, hessian.dim, iterations, generator, hessian.flat))
         return max(estimates)
 
     def _draw(self, rng: np.random.Generator, n: int, batch_size: int | None = None) -> list[int]:
@@ -174,18 +201,26 @@ class LiSSA(Solver, name="lissa"):
     def _chain(
         self, vectors: Tensor, repeat: int, depth: int, batch_size: int, start: Tensor | None, stream: tuple[int, ...]
     ) -> tuple[Tensor, Tensor]:
-        """``depth`` steps at ``batch_size`` from ``h_0 = start`` (default ``v``), batches drawn from ``stream``."""
-        hessian = self._fitted()
+        """``depth`` steps at ``batch_size`` from ``h_0 = start`` (default ``v``; preconditioned: ``scale·Pv``),
+        batches drawn from ``stream``. ``h = scale·x``: without a preconditioner ``h ← v + (1 − damping/scale)h −
+        H_B h / scale``, with one ``h ← Pv + h − P(H_B h + damping·h) / scale``."""
+        hessian, damping = self._fitted(), self.config.damping
         rng = np.random.default_rng(stream)
-        decay = 1.0 - self.config.damping / self.scale
-        estimate = vectors.clone() if start is None else start.clone()
+        decay = 1.0 - damping / self.scale
+        preconditioned = self._precondition(vectors)
+        if start is None:
+            start = vectors if self.preconditioner is None else self.scale * preconditioned
+        estimate = start.clone()
         averaged_steps = max(1, round(self.tail_average * depth))
         tail_sum = torch.zeros_like(vectors)
         trace = torch.empty(depth, dtype=torch.float64)
         with progress.task(f"s_test: LiSSA chain {repeat}", depth, "step") as advance:
             for step in range(depth):
                 product = hessian.batch_matvec(estimate, self._draw(rng, hessian.num_examples, batch_size))
-                estimate = vectors + decay * estimate - product / self.scale
+                if self.preconditioner is None:
+                    estimate = vectors + decay * estimate - product / self.scale
+                else:
+                    estimate = preconditioned + estimate - self._precondition(product + damping * estimate) / self.scale
                 trace[step] = float(estimate.norm())
                 self._check_divergence(trace, step, repeat)
                 if step >= depth - averaged_steps:
@@ -202,7 +237,8 @@ class LiSSA(Solver, name="lissa"):
         )
         if math.isfinite(norm) and not growing:
             return
-        eigen = "" if self.top_eigenvalue is None else f"; top batch-Hessian eigenvalue ≈ {self.top_eigenvalue:.3g}"
+        operator = "batch-Hessian" if self.preconditioner is None else "preconditioned batch operator"
+        eigen = "" if self.top_eigenvalue is None else f"; top {operator} eigenvalue ≈ {self.top_eigenvalue:.3g}"
         raise SolverError(
             f"LiSSA diverged in chain {repeat} at step {step + 1} (‖h‖ = {norm:.3g}): the recursion does not "
             f"contract. Increase scale (now {self.scale:.3g}{eigen}) or damping (now {self.config.damping:.3g}; "
@@ -248,8 +284,13 @@ class LiSSA(Solver, name="lissa"):
                 self._refuse_if_indefinite(attempts)
             if settled or steps + 2 * self.repeats * depth > config.max_steps:
                 break
-            depth, start = 2 * depth, self.scale * estimate
-            batch_size = batch_size if config.batch_size is not None else min(2 * batch_size, hessian.num_examples)
+            depth, grown = (
+                2 * depth,
+                batch_size if config.batch_size is not None else min(2 * batch_size, hessian.num_examples),
+            )
+            if grown != batch_size:
+                self._rescale(grown)
+            batch_size, start = grown, self.scale * estimate
         info = self.diagnostics(torch.stack([trace for _, trace in chains]))
         info.update(residual, converged=settled, attempts=attempts, steps=steps, target_residual=config.target_residual)
         if not settled:
@@ -262,6 +303,14 @@ class LiSSA(Solver, name="lissa"):
                 stacklevel=3,
             )
         return SolveResult(estimate, info)
+
+    def _rescale(self, batch_size: int) -> None:
+        """Preconditioned, with an automatic scale: re-estimate it for the next attempt's larger batches. P inverts
+        H's small eigenvalues, where a small batch's H_B can be far larger, so small batches need a far larger scale
+        (slower steps) than large ones; the plain recursion keeps its first scale."""
+        if self.preconditioner is not None and self.config.scale is None:
+            self.top_eigenvalue = self._estimate_top_eigenvalue(self._fitted(), batch_size)
+            self.scale = max(self.config.scale_margin * self.top_eigenvalue, 1e-12)
 
     @staticmethod
     def _stalled(attempts: list[dict[str, Any]]) -> bool:
@@ -312,6 +361,7 @@ class LiSSA(Solver, name="lissa"):
         return {
             "scale": self.scale,
             "top_eigenvalue": self.top_eigenvalue,
+            "preconditioner": None if self.preconditioner is None else self.preconditioner.name,
             "norm_trace": traces,
             "late_growth": growth,
             "converged": all(g < 0.05 for g in growth),

@@ -4,7 +4,7 @@ Their factors can be kept in a Store and resumed shard by shard (:mod:`fastif.st
 (:mod:`fastif.runner.kfac`)."""
 
 from .layers import KroneckerLayer, find_blocks
-from .solvers import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, KroneckerBlock, PCGConfig
+from .solvers import EKFAC, KFAC, PCG, EKFACConfig, KFACConfig, KroneckerBlock, PCGConfig, check_preconditioner
 
 __all__ = [
     "EKFAC",
@@ -15,5 +15,6 @@ __all__ = [
     "KroneckerBlock",
     "KroneckerLayer",
     "PCGConfig",
+    "check_preconditioner",
     "find_blocks",
 ]

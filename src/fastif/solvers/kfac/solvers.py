@@ -391,11 +391,16 @@ class PCGConfig:
     def __post_init__(self) -> None:
         """CG's checks (damping, max_iterations, tolerance), and a preconditioner that is a K-FAC/EK-FAC config."""
         check_cg_options(self)
-        if not isinstance(self.preconditioner, EKFACConfig | KFACConfig | None):
-            raise ConfigError(
-                f"solver.preconditioner must be an EKFACConfig, a KFACConfig or None, got {shown(self.preconditioner)}",
-                "solver.preconditioner",
-            )
+        check_preconditioner(self.preconditioner)
+
+
+def check_preconditioner(preconditioner: object) -> None:
+    """Refuse a preconditioner that is not an EK-FAC or K-FAC config (or None); PCG and LiSSA share it."""
+    if not isinstance(preconditioner, EKFACConfig | KFACConfig | None):
+        raise ConfigError(
+            f"solver.preconditioner must be an EKFACConfig, a KFACConfig or None, got {shown(preconditioner)}",
+            "solver.preconditioner",
+        )
 
 
 class PCG(Solver, name="pcg"):

@@ -1,0 +1,182 @@
+"""Preconditioned solvers (issue 15): CG against PCG (EK-FAC / K-FAC) and LiSSA against LiSSA + EK-FAC, to the
+same relative residual on the same test gradients: iterations or steps, the examples their HVPs touched, seconds,
+and each answer's distance from a tight CG reference.
+
+Problems: the digits softmax regression and MLP (``benchmarks/peers/digits_problems``, their damping), the MiniLM
+NLI model's pooler + classifier on the study's cached frozen pass (``--nli-train`` pairs, damping
+``NLI_DAMPING``), and with ``--top2 N`` MiniLM's top 2 layers + pooler + classifier (3.7M parameters) on N pairs.
+Methods run one after another per problem (one round; the counts are deterministic, the seconds are not).
+
+    python -m benchmarks.bench_preconditioned --nli-train 4000 --top2 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from benchmarks.peers.common import load_average, markdown_table, provenance, set_threads, uptime
+from fastif import CG, Hessian, Influence, Solver
+from fastif.files import atomic_write_json, atomic_write_text
+from fastif.solvers import LiSSA
+from fastif.solvers.kfac import PCG, EKFACConfig, KFACConfig
+
+RESULTS = "benchmarks/results/preconditioned"
+
+
+def methods(damping: float, tolerance: float, target: float) -> dict[str, Callable[[], Solver]]:
+    """Each method's solver, built fresh (so every fit is timed)."""
+    cg = {"damping": damping, "tolerance": tolerance, "max_iterations": 2000}
+    return {
+        "CG": lambda: CG(**cg),
+        "PCG (EK-FAC)": lambda: PCG(**cg, preconditioner=EKFACConfig(damping=damping)),
+        "PCG (K-FAC)": lambda: PCG(**cg, preconditioner=KFACConfig(damping=damping)),
+        "LiSSA": lambda: LiSSA(damping=damping, target_residual=target),
+        "LiSSA (EK-FAC)": lambda: LiSSA(
+            damping=damping, target_residual=target, preconditioner=EKFACConfig(damping=damping)
+        ),
+    }
+
+
+def run_method(solver: Solver, hessian: Hessian, vectors: Tensor, reference: Tensor) -> dict[str, Any]:
+    """Fit (timed apart) and solve; the work in examples touched by HVPs, and the error against ``reference``."""
+    start = time.perf_counter()
+    solver.fit(hessian)
+    fitted = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = solver.solve(vectors)
+    solved = time.perf_counter()
+    info = result.info
+    row: dict[str, Any] = {
+        "fit_seconds": round(fitted - start, 2),
+        "solve_seconds": round(solved - fitted, 2),
+        "converged": bool(info["converged"]),
+        "error_vs_reference": float((result.x - reference).norm() / reference.norm()),
+        "warnings": [str(w.message) for w in caught],
+    }
+    if "attempts" in info:  # automatic LiSSA
+        row["steps"] = info["steps"]
+        row["examples_touched"] = sum(2 * a["depth"] * a["batch_size"] for a in info["attempts"])
+        row["relative_residual"] = info["relative_residual"]
+    else:
+        row["iterations"] = info["iterations"]
+        row["examples_touched"] = info["iterations"] * hessian.num_examples
+        row["relative_residual"] = info["residual_trace"][-1]
+    print(f"    {row}  load {load_average()}", flush=True)
+    return row
+
+
+def compare(name: str, hessian: Hessian, vectors: Tensor, damping: float, args: argparse.Namespace) -> dict:
+    """Every method on one problem, and the CG / PCG and LiSSA step ratios."""
+    print(
+        f"{name}: P = {hessian.dim}, N = {hessian.num_examples}, {len(vectors)} vectors, damping {damping}", flush=True
+    )
+    reference = CG(damping=damping, tolerance=1e-10, max_iterations=4000).fit(hessian).solve(vectors).x
+    rows = {}
+    for label, make in methods(damping, args.tolerance, args.target).items():
+        print(f"  {label}", flush=True)
+        rows[label] = run_method(make(), hessian, vectors, reference)
+    ratios = {
+        "CG / PCG (EK-FAC) iterations": rows["CG"]["iterations"] / rows["PCG (EK-FAC)"]["iterations"],
+        "CG / PCG (K-FAC) iterations": rows["CG"]["iterations"] / rows["PCG (K-FAC)"]["iterations"],
+        "LiSSA / LiSSA (EK-FAC) steps": rows["LiSSA"]["steps"] / rows["LiSSA (EK-FAC)"]["steps"],
+    }
+    return {"P": hessian.dim, "N": hessian.num_examples, "damping": damping, "methods": rows, "ratios": ratios}
+
+
+def digits(kind: str, vectors: int) -> tuple[Hessian, Tensor, float]:
+    from benchmarks.peers.digits_problems import DigitsSpec, build_problem
+    from benchmarks.peers.kfac_bench import DAMPING
+
+    spec = DigitsSpec(kind, 1000, 50, damping=DAMPING[kind], seed=0)
+    problem = build_problem(spec)
+    influence = Influence(problem.adapter(), problem.train, CG(), hessian_batch_size=len(problem.y_train))
+    return influence.hessian, influence.test_grads(problem.test)[:vectors], spec.damping
+
+
+def nli_head(n_train: int, vectors: int) -> tuple[Hessian, Tensor, float]:
+    from benchmarks.study.common import load_setup
+    from fastif.recipes.nli import NLI_DAMPING
+
+    setup = load_setup(n_train=n_train)
+    return setup.hessian(), setup.facade().test_grads(setup.test_subset(range(vectors))), NLI_DAMPING
+
+
+def nli_top2(n_train: int, vectors: int) -> tuple[Hessian, Tensor, float]:
+    from fastif import AdapterConfig, HFClassifierAdapter
+    from fastif.data.text import TextPairData
+    from fastif.recipes.nli import NLI3_LABELS, NLI_DAMPING, NLITrainConfig, load_embedded, train_nli_classifier
+
+    trained = train_nli_classifier(NLITrainConfig(), progress=False)
+    include = ("bert.encoder.layer.4", "bert.encoder.layer.5", "bert.pooler", "classifier")
+    config = AdapterConfig(include=include, l2=trained.config.l2, l2_exclude=("*bias", "*LayerNorm*"))
+    adapter = HFClassifierAdapter(trained.model, config)
+    length = trained.config.max_length
+    train = TextPairData(load_embedded("mnli_train", 3)[:n_train], trained.tokenizer, length, NLI3_LABELS)
+    test = TextPairData(load_embedded("mnli_test", 3)[:vectors], trained.tokenizer, length, NLI3_LABELS)
+    influence = Influence(adapter, train, CG(), frozen="on", hessian_batch_size=32)
+    return influence.hessian, influence.test_grads(test), NLI_DAMPING
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    for name, problem in results["problems"].items():
+        rows = [
+            [
+                label,
+                row.get("iterations", row.get("steps")),
+                row["examples_touched"],
+                row["fit_seconds"],
+                row["solve_seconds"],
+                row["relative_residual"],
+                row["error_vs_reference"],
+                row["converged"],
+            ]
+            for label, row in problem["methods"].items()
+        ]
+        headers = ["method", "iterations / steps", "examples touched", "fit s", "solve s", "residual", "error", "ok"]
+        ratios = ", ".join(f"{key} {value:.2f}" for key, value in problem["ratios"].items())
+        lines.append(
+            f"### {name}: P = {problem['P']:,}, N = {problem['N']:,}, damping {problem['damping']}\n\n"
+            f"{markdown_table(headers, rows)}\n\n{ratios}\n"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vectors", type=int, default=5, help="test gradients solved at once")
+    parser.add_argument("--tolerance", type=float, default=1e-6, help="CG / PCG relative residual")
+    parser.add_argument("--target", type=float, default=0.01, help="LiSSA's target relative residual")
+    parser.add_argument("--nli-train", type=int, default=0, help="NLI head on this many pairs (0: skip)")
+    parser.add_argument("--top2", type=int, default=0, help="MiniLM top 2 layers on this many pairs (0: skip)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    started, load_before = uptime(), load_average()
+    problems = {
+        "digits logreg": lambda: digits("logreg", args.vectors),
+        "digits MLP": lambda: digits("mlp", args.vectors),
+    }
+    if args.nli_train:
+        problems[f"MiniLM NLI head, {args.nli_train} pairs"] = lambda: nli_head(args.nli_train, args.vectors)
+    if args.top2:
+        problems[f"MiniLM top 2 layers, {args.top2} pairs"] = lambda: nli_top2(args.top2, args.vectors)
+    results: dict[str, Any] = {"problems": {}}
+    for name, build in problems.items():
+        results["problems"][name] = compare(name, *build(), args)
+        results.update(provenance("benchmarks.bench_preconditioned", argv, started, load_before))
+        atomic_write_json(f"{RESULTS}.json", results)
+        header = f"# Preconditioned solvers\n\nCommand: `{results['command']}`\n\n"
+        load = f"Load: before `{started}`, after `{results['uptime_after']}`.\n\n"
+        atomic_write_text(f"{RESULTS}.md", header + load + table(results))
+
+
+if __name__ == "__main__":
+    main()
