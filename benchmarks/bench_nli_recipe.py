@@ -41,10 +41,20 @@ RECIPES: dict[str, dict[str, Any]] = {
     "all6_lr1e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2},
     "all6_lr2e-4_2ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 2e-4, "epochs": 2},
     "2-class, the default recipe": {"num_labels": 2},
-    "all6_lr1e-4_2ep_2000pairs": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2,
-                                  "train_size": 2000},
-    "all6_lr1e-4_2ep_4000pairs": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 2,
-                                  "train_size": 4000},
+    "all6_lr1e-4_2ep_2000pairs": {
+        "frozen_layers": 0,
+        "freeze_embeddings": False,
+        "lr": 1e-4,
+        "epochs": 2,
+        "train_size": 2000,
+    },
+    "all6_lr1e-4_2ep_4000pairs": {
+        "frozen_layers": 0,
+        "freeze_embeddings": False,
+        "lr": 1e-4,
+        "epochs": 2,
+        "train_size": 4000,
+    },
     "all6_lr1e-4_3ep": {"frozen_layers": 0, "freeze_embeddings": False, "lr": 1e-4, "epochs": 3},
 }
 """Recipe name -> NLITrainConfig overrides (the split's 8,001 training pairs; the first runs, before the

@@ -224,7 +224,10 @@ def test_a_preconditioned_lissa_runs_through_the_pipeline_and_is_recorded(tiny, 
 
 @pytest.mark.parametrize(
     ("method", "preconditioner", "match"),
-    [("cg", "ekfac", "applies to lissa and pcg only, not 'cg'"), ("pcg", "none", r"must be one of \['ekfac', 'kfac'\]")],
+    [
+        ("cg", "ekfac", "applies to lissa and pcg only, not 'cg'"),
+        ("pcg", "none", r"must be one of \['ekfac', 'kfac'\]"),
+    ],
 )
 def test_a_preconditioner_the_solver_cannot_take_is_refused(method, preconditioner, match):
     with pytest.raises(ConfigError, match=match):

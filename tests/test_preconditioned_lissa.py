@@ -91,5 +91,5 @@ def test_the_facade_keeps_the_preconditioner_in_its_cache_store(tmp_path, monkey
 
 
 def test_a_preconditioner_that_is_not_a_factor_config_is_refused():
-    with pytest.raises(ConfigError, match="solver.preconditioner must be an EKFACConfig, a KFACConfig or None"):
+    with pytest.raises(ConfigError, match=r"solver\.preconditioner must be an EKFACConfig, a KFACConfig or None"):
         LiSSAConfig(preconditioner="ekfac")
