@@ -29,6 +29,7 @@ import numpy as np
 from scipy import stats
 
 from fastif.evaluation import topm_recall
+from fastif.recipes.nli import NLI_DAMPING
 
 from .common import load_average, markdown_table, provenance, set_threads, uptime, write_results
 from .nli_methods import RUNNERS, Found, NLISettings
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-train", type=int, default=8000)
     parser.add_argument("--n-test", type=int, default=10)
-    parser.add_argument("--damping", type=float, default=0.3)
+    parser.add_argument("--damping", type=float, default=NLI_DAMPING)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--lissa-depth", type=int, default=300)
     parser.add_argument("--subset", type=int, default=256, help="training points captum / dattri score")
