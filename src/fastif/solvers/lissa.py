@@ -50,7 +50,9 @@ class LiSSAConfig:
     ``preconditioner`` (a K-FAC or EK-FAC config, default None) runs the recursion on ``P(H + damping·I)``, with
     ``P`` that solver's approximate inverse: each step is ``x ← x + P(v − (H_B + damping·I)x) / scale``, started at
     ``x = Pv``, and ``scale`` is ``scale_margin`` × the top eigenvalue of ``P(H_B + damping·I)``. The fixed point
-    is the same s_test; a good ``P`` makes the operator's spectrum narrow, so far fewer steps settle the chains.
+    is the same s_test. On the digits models it ends orders of magnitude closer to it after the same steps, but at
+    small batches ``P`` also amplifies ``H_B − H``, and on the NLI head it gains nothing
+    (``benchmarks/results/preconditioned.md``).
     """
 
     damping: float = DEFAULT_DAMPING
