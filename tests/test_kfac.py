@@ -495,6 +495,15 @@ def test_two_local_processes_fit_the_factors_of_one_pass():
     assert_same_fit(EKFAC(config).fit(hessian), fitted, hessian)
 
 
+def forbid_factor_passes(monkeypatch) -> None:
+    """Make any EK-FAC data pass fail: what follows must reload its factors from a store."""
+
+    def no_data_pass(self, indices):
+        raise AssertionError("the cached factors must make the data pass unnecessary")
+
+    monkeypatch.setattr(EKFAC, "partial_factors", no_data_pass)
+
+
 def test_the_facade_keeps_kfac_and_pcg_factors_in_its_cache_store(tmp_path, monkeypatch):
     """Influence(cache=store) fits EK-FAC (and PCG's EK-FAC preconditioner) through the store: a second facade on
     the same store reloads the factors without a data pass and gives the same s_test."""
@@ -510,10 +519,7 @@ def test_the_facade_keeps_kfac_and_pcg_factors_in_its_cache_store(tmp_path, monk
         assert store.has("ekfac-fitted")
     torch.testing.assert_close(first, Influence(adapter, train, stored_solver()).s_test(test), rtol=1e-10, atol=0)
 
-    def no_data_pass(self, indices):
-        raise AssertionError("the cached factors must make the data pass unnecessary")
-
-    monkeypatch.setattr(EKFAC, "partial_factors", no_data_pass)
+    forbid_factor_passes(monkeypatch)
     with factor_store(tmp_path / "ekfac", stored_solver(), hessian) as store:
         torch.testing.assert_close(Influence(adapter, train, stored_solver(), cache=store).s_test(test), first)
     with Store.open(tmp_path / "pcg", model_fingerprint="m", data_fingerprint="d", config={}) as store:

@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
-from test_kfac import DOUBLE, mlp_problem, trained_mlp
+from test_kfac import DOUBLE, forbid_factor_passes, mlp_problem, trained_mlp
 
 from fastif import Exact, Influence, TensorData
 from fastif.errors import ConfigError
 from fastif.solvers import LiSSA, LiSSAConfig
-from fastif.solvers.kfac import EKFAC, EKFACConfig, KFACConfig
+from fastif.solvers.kfac import EKFACConfig, KFACConfig
 from fastif.store import Store
 
 
@@ -82,10 +82,7 @@ def test_the_facade_keeps_the_preconditioner_in_its_cache_store(tmp_path, monkey
         assert store.has("ekfac-fitted")
     torch.testing.assert_close(first, Influence(adapter, train, solver()).s_test(test), rtol=1e-10, atol=0)
 
-    def no_data_pass(self, indices):
-        raise AssertionError("the cached factors must make the data pass unnecessary")
-
-    monkeypatch.setattr(EKFAC, "partial_factors", no_data_pass)
+    forbid_factor_passes(monkeypatch)
     with open_store() as store:
         torch.testing.assert_close(Influence(adapter, train, solver(), cache=store).s_test(test), first)
 
