@@ -13,6 +13,11 @@ its time is measured once and added to each method's marginal cost). The "origin
 is s_test by FastIF's original LiSSA (batch 128, depth 1000; timed in full or extrapolated from measured steps,
 as labelled) plus one full scan; also with the same CG.
 
+Fast queries (set-up a): the facade's solver is swapped (``Influence.use_solver``) for an Arnoldi inverse fitted
+once (rank r, the rest of each vector divided by the damping, residual on the Hessian's fixed sample), and the
+default store is queried with its s_test, reranked with it; recall and Pearson are against CG's exact scores.
+Their speed-up is the original (LiSSA, or the same Arnoldi s_test) + one full scan over their marginal time.
+
     PYTHONPATH=src python benchmarks/bench_retrieval.py --setup a --pool 8000
     PYTHONPATH=src python benchmarks/bench_retrieval.py --table   # rewrite results/retrieval/README.md
 
@@ -49,7 +54,7 @@ from fastif.model.adapter import AdapterConfig, HFClassifierAdapter, ModelAdapte
 from fastif.projection import ProjectionConfig
 from fastif.recipes.nli import NLI3_LABELS, NLI_DAMPING, NLITrainConfig, load_embedded, train_nli_classifier
 from fastif.scores import ScoreConfig
-from fastif.solvers import CG, CGConfig, LiSSA, LiSSAConfig, Solver, SolveResult
+from fastif.solvers import CG, Arnoldi, ArnoldiConfig, CGConfig, LiSSA, LiSSAConfig, Solver, SolveResult
 
 RESULTS = Path(__file__).parent / "results" / "retrieval"
 TOP = 10  # recall@10 of the exact top-10
@@ -77,6 +82,7 @@ class Setup:
     cg_tolerance: float = 1e-6
     cg_iterations: int = 100
     lissa_steps: int | None = None  # None: run LiSSA's full depth; else time this many steps and extrapolate
+    fast_rank: int | None = None  # the fast queries' Arnoldi rank (None: no fast queries)
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,10 +151,13 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
         "factored-16": ProjectionConfig(dim=2048, layer_dim=16),
         "factored-32": ProjectionConfig(dim=2048, layer_dim=32),
     }
+    hessian = None
     if pool <= 8000:  # the dense JL map over all 149k parameters costs minutes per 8,000 examples on one core
         projections["dense-1024"] = ProjectionConfig(dim=1024)
     else:
         notes.append("dense projections skipped at this pool size (build time on one loaded core)")
+        hessian = train.subset(range(8000))
+        notes.append("Hessian over the pool's 8,000 MNLI pairs (hessian_data), the model's own training objective")
     return Setup(
         f"a-pooler-{pool}",
         adapter,
@@ -158,12 +167,14 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
         frozen="on",
         projections=projections,
         default_projection="factored-32",
+        hessian_data=hessian,
         build_options={"batch_size": 512, "chunk_size": 512},
         score=ScoreConfig(batch_size=512, chunk_size=512),
         hessian_batch_size=1024,
         cg_tolerance=1e-4,
         cg_iterations=50,
         lissa_steps=20,
+        fast_rank=100,
         notes=notes,
     )
 
@@ -323,6 +334,7 @@ def query_point(
         "s_test_seconds": solve_seconds,
         "cg": {k: v for k, v in result.info.items() if k != "residual_trace"},
         "scan_seconds": scan_seconds,
+        "exact": exact,
         "features": {},
         "gradients": {},
     }
@@ -337,6 +349,24 @@ def query_point(
             row["gradients"][f"{name}@{k}"] = {**gradient_row(cs, exact, store), "seconds": seconds}
     row["memo_solves"] = len(memo.memo)
     return row
+
+
+def fast_queries(
+    inf: Influence, fast: Solver, store: GradientStore, test: Any, exact: np.ndarray, ks: list[int]
+) -> dict[str, Any]:
+    """One test point's fast queries: the fast solver's s_test, retrieval from ``store`` and the rerank with it,
+    measured against the exact scores; the facade's own solver is put back afterwards."""
+    accurate = inf.solver
+    inf.use_solver(fast).use_gradient_store(store)
+    try:
+        result, s_test_seconds = timed(lambda: inf.solve(test))
+        rows = {}
+        for k in ks:
+            cs, seconds = timed(lambda k=k: inf.candidate_scores(test, num_candidates=k, method="gradients"))
+            rows[k] = {**gradient_row(cs, exact, store), "seconds": seconds}
+    finally:
+        inf.use_solver(accurate)
+    return {"s_test_seconds": s_test_seconds, "relative_residual": result.info["relative_residual"], "rows": rows}
 
 
 def run(setup: Setup, root: Path, argv: list[str], threads: int) -> dict[str, Any]:
@@ -360,9 +390,22 @@ def run(setup: Setup, root: Path, argv: list[str], threads: int) -> dict[str, An
     stores, store_info = build_stores(inf, setup, root)
     ks = sorted({max(2 * TOP, round(f * n)) for f in FRACTIONS})  # K/2 per side must hold the top-10
     sweep_k = max(2 * TOP, round(0.01 * n))
+    fast, fast_fit_seconds = None, None
+    if setup.fast_rank is not None:
+        fast = Arnoldi(ArnoldiConfig(setup.damping, setup.fast_rank, complement=True, residual="sample"))
+        accurate = inf.solver
+        _, fast_fit_seconds = timed(lambda: inf.use_solver(fast).fit())
+        inf.use_solver(accurate)
+        print(f"fast solver: Arnoldi rank {setup.fast_rank}, fit {fast_fit_seconds:.1f} s", flush=True)
     points = []
     for i in range(len(setup.test)):
-        points.append(query_point(inf, setup, stores, one(setup.test, i), ks, sweep_k))
+        test = one(setup.test, i)
+        points.append(query_point(inf, setup, stores, test, ks, sweep_k))
+        if fast is not None:
+            exact = np.asarray(points[-1].pop("exact"))
+            points[-1]["fast"] = fast_queries(inf, fast, stores[setup.default_projection], test, exact, ks)
+        else:
+            points[-1].pop("exact")
         print(
             f"test point {i}: scan {points[-1]['scan_seconds']:.2f} s, s_test {points[-1]['s_test_seconds']:.2f} s",
             flush=True,
@@ -397,6 +440,7 @@ def run(setup: Setup, root: Path, argv: list[str], threads: int) -> dict[str, An
         "stores": store_info,
         "default_projection": setup.default_projection,
         "lissa": lissa,
+        "fast_solver": None if fast is None else {**dataclasses.asdict(fast.config), "fit_seconds": fast_fit_seconds},
         "points": points,
         "summary": summarise(points, ks, store_info, lissa, setup.default_projection),
         "notes": setup.notes,
@@ -411,6 +455,23 @@ def mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def retrieval_summary(rows: list[dict]) -> dict[str, Any]:
+    """Means over test points of one retrieval setting: recall, estimate, gap, coverage and Pearson."""
+    sides = ("helpful", "harmful")
+    return {
+        **{side: mean([r[side] for r in rows]) for side in sides},
+        "estimate": {side: mean([r["estimate"][side] for r in rows]) for side in sides},
+        "mean_abs_gap": mean([abs(r["estimate"][s] - r[s]) for r in rows for s in sides]),
+        "interval_coverage": mean(
+            [float(r["interval"][s][0] <= r[s] <= r["interval"][s][1]) for r in rows for s in sides]
+        ),
+        "min_pearson_rerank_vs_exact": min(r["pearson_rerank_vs_exact"] for r in rows),
+        "pearson_projected_vs_exact_all": mean([r["pearson_projected_vs_exact_all"] for r in rows]),
+        "pearson_projected_vs_exact_candidates": mean([r["pearson_projected_vs_exact_candidates"] for r in rows]),
+        "retrieval_seconds": mean([r["seconds"] for r in rows]),
+    }
+
+
 def summarise(points: list[dict], ks: list[int], stores: dict, lissa: dict, default: str) -> dict[str, Any]:
     """Means over test points: recall per method and K, estimate gaps, Pearson and the cost ratios."""
     scan = mean([p["scan_seconds"] for p in points])
@@ -422,29 +483,20 @@ def summarise(points: list[dict], ks: list[int], stores: dict, lissa: dict, defa
     }
     gradients = {}
     for key in points[0]["gradients"]:
-        rows = [p["gradients"][key] for p in points]
-        sides = ("helpful", "harmful")
-        marginal = s_test + mean([r["seconds"] for r in rows])
+        row = retrieval_summary([p["gradients"][key] for p in points])
+        marginal = s_test + row["retrieval_seconds"]
         name = key.split("@")[0]
         gradients[key] = {
-            **{side: mean([r[side] for r in rows]) for side in sides},
-            "estimate": {side: mean([r["estimate"][side] for r in rows]) for side in sides},
-            "mean_abs_gap": mean([abs(r["estimate"][s] - r[s]) for r in rows for s in sides]),
-            "interval_coverage": mean(
-                [float(r["interval"][s][0] <= r[s] <= r["interval"][s][1]) for r in rows for s in sides]
-            ),
-            "min_pearson_rerank_vs_exact": min(r["pearson_rerank_vs_exact"] for r in rows),
-            "pearson_projected_vs_exact_all": mean([r["pearson_projected_vs_exact_all"] for r in rows]),
-            "pearson_projected_vs_exact_candidates": mean([r["pearson_projected_vs_exact_candidates"] for r in rows]),
+            **row,
             "marginal_seconds": marginal,
             "speedup_vs_original_lissa": original_lissa / marginal,
             "speedup_vs_original_cg": original_cg / marginal,
-            "scan_over_retrieval": scan / mean([r["seconds"] for r in rows]),
+            "scan_over_retrieval": scan / row["retrieval_seconds"],
             "dim": stores[name]["dim"],
             "build_over_scan": stores[name]["build_seconds"] / scan,
             "bytes_per_example": stores[name]["bytes_per_example"],
         }
-    return {
+    summary = {
         "scan_seconds": scan,
         "s_test_seconds": s_test,
         "original_lissa_seconds": original_lissa,
@@ -452,6 +504,28 @@ def summarise(points: list[dict], ks: list[int], stores: dict, lissa: dict, defa
         "features": features,
         "gradients": gradients,
         "default": default,
+    }
+    if "fast" in points[0]:
+        summary["fast"] = fast_summary(points, ks, scan, original_lissa)
+    return summary
+
+
+def fast_summary(points: list[dict], ks: list[int], scan: float, original_lissa: float) -> dict[str, Any]:
+    """The fast queries per K: recall and Pearson against the exact scores, and their speed-ups (whole query)."""
+    fast_s_test = mean([p["fast"]["s_test_seconds"] for p in points])
+    rows = {}
+    for k in ks:
+        row = retrieval_summary([p["fast"]["rows"][k] for p in points])
+        marginal = row["retrieval_seconds"]  # the timed call solves s_test itself
+        rows[str(k)] = {
+            **row,
+            "speedup_vs_original_lissa": original_lissa / marginal,
+            "speedup_vs_original_same_solver": (fast_s_test + scan) / marginal,
+        }
+    return {
+        "s_test_seconds": fast_s_test,
+        "max_relative_residual_sample": max(p["fast"]["relative_residual"] for p in points),
+        "rows": rows,
     }
 
 
@@ -529,12 +603,38 @@ def _projection_table(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _fast_table(result: dict[str, Any]) -> list[str]:
+    fast = result["summary"].get("fast")
+    if fast is None:
+        return []
+    solver, n = result["fast_solver"], result["n"]
+    lines = [
+        f"Fast queries: s_test by Arnoldi rank {solver['rank']} (rest divided by the damping; fitted once in "
+        f"{solver['fit_seconds']:.1f} s; {fast['s_test_seconds']:.2f} s per s_test, worst relative residual "
+        f"{fast['max_relative_residual_sample']:.3f} on the Hessian's sample), retrieval from "
+        f"{result['summary']['default']}, rerank with that s_test; recall and Pearson against CG's exact scores",
+        "",
+        "| K | K/N | helpful | harmful | est. helpful | est. harmful | |gap| | cover | Pearson vs exact (min) "
+        "| query s | speed-up vs LiSSA original | vs same-solver original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, g in sorted(fast["rows"].items(), key=lambda item: int(item[0])):
+        lines.append(
+            f"| {k} | {int(k) / n:.2%} | {g['helpful']:.2f} | {g['harmful']:.2f} | {g['estimate']['helpful']:.2f} "
+            f"| {g['estimate']['harmful']:.2f} | {g['mean_abs_gap']:.3f} | {g['interval_coverage']:.2f} "
+            f"| {g['min_pearson_rerank_vs_exact']:.4f} | {g['retrieval_seconds']:.3f} "
+            f"| {g['speedup_vs_original_lissa']:.0f}x | {g['speedup_vs_original_same_solver']:.1f}x |"
+        )
+    return [*lines, ""]
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The markdown summary of every results file."""
     lines = [INTRO]
     for result in results:
         notes = [f"- {note}" for note in result["notes"]]
-        lines += [*_header(result), *_recall_table(result), *_projection_table(result), *notes, ""]
+        sections = [*_recall_table(result), *_projection_table(result), *_fast_table(result)]
+        lines += [*_header(result), *sections, *notes, ""]
     return "\n".join(lines)
 
 

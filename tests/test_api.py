@@ -45,6 +45,8 @@ def test_readme_candidate_scores_example_runs(tmp_path, monkeypatch):
     assert torch.equal(exact.top_k(5).helpful_indices, namespace["top"].helpful_indices)
     assert torch.equal(found.top_k(5).helpful_indices, namespace["top"].helpful_indices)  # the store keeps all dims
     assert 0.95 <= found.recall[0]["helpful"].estimate <= 1.0
+    quick = namespace["quick"]  # the fast solver's queries, through the same facade method
+    assert quick.indices.shape == (4, 100) and quick.solve.info["eigenpairs_found"] == 20
 
 
 def test_readme_test_command_is_what_ci_runs():

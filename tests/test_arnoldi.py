@@ -7,7 +7,8 @@ import torch
 from test_solver_properties import DenseHessian
 
 from fastif import Arnoldi
-from fastif.errors import SolverError
+from fastif.errors import ConfigError, SolverError
+from fastif.hvp import Hessian
 from fastif.solvers.arnoldi import arnoldi_iteration
 
 
@@ -94,3 +95,38 @@ def test_rank_above_the_dimension_keeps_every_eigenpair_and_warns():
         result = Arnoldi(rank=10).fit(hessian).solve(vectors)
     assert result.info["eigenpairs_found"] == 3
     assert _relative_error(result.x, torch.tensor([[1.0, 0.5, 1 / 3]], dtype=torch.float64)) < 1e-12
+
+
+def _rank_deficient(size: int = 40, rank: int = 5) -> torch.Tensor:
+    """F Fᵀ: rank 5, zero on the other 35 directions (a Gauss-Newton matrix with fewer examples than parameters)."""
+    factor = torch.randn(size, rank, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    return factor @ factor.T
+
+
+def test_complement_is_exact_once_the_rank_covers_h_and_dropping_it_is_not():
+    matrix, damping = _rank_deficient(), 0.1
+    vectors = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    truth = torch.linalg.solve(matrix + damping * torch.eye(40, dtype=torch.float64), vectors.T).T
+    kept = Arnoldi(rank=5, iterations=12, damping=damping, complement=True).fit(DenseHessian(matrix))
+    dropped = Arnoldi(rank=5, iterations=12, damping=damping).fit(DenseHessian(matrix))
+    assert _relative_error(kept.solve(vectors).x, truth) < 1e-8
+    assert _relative_error(dropped.solve(vectors).x, truth) > 0.5  # 35 of 40 directions of v are lost
+
+
+def test_complement_needs_a_positive_damping():
+    with pytest.raises(ConfigError, match="damping > 0"):
+        Arnoldi(rank=5, damping=0.0, complement=True)
+    with pytest.raises(ConfigError, match=r"solver\.residual"):
+        Arnoldi(rank=5, residual="none")
+
+
+def test_sample_residual_checks_on_the_fixed_sample_only(ridge):
+    adapter, train, _, _, _ = ridge
+    hessian = Hessian(adapter, train, sample_size=16)
+    vectors = torch.randn(2, hessian.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    full = Arnoldi(rank=10, damping=0.1).fit(hessian).solve(vectors).info
+    sample = Arnoldi(rank=10, damping=0.1, residual="sample").fit(hessian).solve(vectors).info
+    assert (full["residual_scope"], full["residual_examples"]) == ("full", 100)
+    assert (sample["residual_scope"], sample["residual_examples"]) == ("sample", 16)
+    assert full["relative_residual"] < 1e-8  # rank 10 = P: exact on the full H, which the sample's H is not
+    assert sample["relative_residual"] > 1e-3

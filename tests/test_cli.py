@@ -18,9 +18,10 @@ from test_pipeline import make_checkpoint, write_jsonl
 from test_report_run import _pipeline_report
 
 from fastif.cli import run, run_command, stop_on_sigterm
+from fastif.config import config_from_dict
 from fastif.errors import OutputError
 from fastif.files import cache_dir, check_writable
-from fastif.pipeline import PipelineConfig
+from fastif.pipeline import PipelineConfig, SolverStageConfig, solver_config
 from fastif.recipes.nli import load_embedded
 
 SUBCOMMANDS = ("demo", "train", "index", "influence", "bench", "example")
@@ -632,3 +633,13 @@ def test_a_max_length_below_the_special_tokens_is_one_line(tiny, tmp_path, capsy
     """Found by the extended fuzz test: the tokenizer cannot cut a pair to 2 tokens and silently returned it whole."""
     assert run(["influence", *tiny_args(tiny, tmp_path / "out"), "--max-length", "2"]) == 2
     assert "--max-length (data.max_length) is 2 but a pair needs at least 5 tokens" in one_line_error(capsys)
+
+
+def test_arnoldi_rank_and_complement_reach_the_solver(tiny, tmp_path):
+    output = tmp_path / "out"
+    extra = ["--solver", "arnoldi", "--rank", "4", "--complement", "--damping", "0.5"]
+    assert run(["influence", *tiny_args(tiny, output), *extra]) == 0
+    saved = json.loads((output / "pipeline_config.json").read_text())
+    assert (saved["solver"]["rank"], saved["solver"]["complement"]) == (4, True)
+    solver = solver_config(config_from_dict(SolverStageConfig, saved["solver"]), 0, None)
+    assert (type(solver).__name__, solver.rank, solver.complement) == ("ArnoldiConfig", 4, True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from test_frozen import TokenData, _adapter
 from torch import nn
 
-from fastif import CG, Exact, Influence, TensorData, TorchAdapter
+from fastif import CG, Arnoldi, Exact, Influence, TensorData, TorchAdapter
 from fastif.errors import DataError
 from fastif.gradient_store import GradientStoreConfig
 from fastif.projection import ProjectionConfig
@@ -72,3 +74,25 @@ def test_gradient_method_needs_a_store_and_a_count() -> None:
         influence.candidate_scores(data.subset([0]), method="features")
     with pytest.raises(DataError, match="method must be"):
         influence.candidate_scores(data.subset([0]), num_candidates=10, method="bm25")  # type: ignore[arg-type]
+
+
+def test_a_second_solver_shares_the_training_pass_and_is_fitted_once(tmp_path) -> None:
+    """use_solver swaps CG for an Arnoldi inverse that covers all of H (rank = P, complement kept): retrieval with
+    it gives CG's scores, and switching back and forth fits neither solver again."""
+    adapter, data = _logistic(n=200, d=8)
+    train, test = data.subset(range(180)), data.subset(range(180, 183))
+    influence = Influence(adapter, train, CG(damping=1e-2, tolerance=1e-12))
+    influence.build_gradient_store(tmp_path / "grads", GradientStoreConfig(ProjectionConfig(kind="identity")))
+    accurate = influence.candidate_scores(test, num_candidates=20, method="gradients")
+    cg = influence.solver
+    fast = Arnoldi(damping=1e-2, rank=adapter.num_params, complement=True)
+    with (
+        mock.patch.object(Arnoldi, "fit", autospec=True, side_effect=Arnoldi.fit) as arnoldi_fit,
+        mock.patch.object(CG, "fit", autospec=True, side_effect=CG.fit) as cg_fit,
+    ):
+        quick = influence.use_solver(fast).candidate_scores(test, num_candidates=20, method="gradients")
+        influence.use_solver(cg).candidate_scores(test, num_candidates=20, method="gradients")
+        influence.use_solver(fast).candidate_scores(test, num_candidates=20, method="gradients")
+    assert (arnoldi_fit.call_count, cg_fit.call_count) == (1, 0)
+    assert torch.equal(quick.indices, accurate.indices)
+    torch.testing.assert_close(quick.scores, accurate.scores, rtol=1e-7, atol=1e-10)

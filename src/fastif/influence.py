@@ -251,6 +251,14 @@ class Influence:
             self._fitted = True
         return self
 
+    def use_solver(self, solver: Solver) -> Influence:
+        """Solve s_test with ``solver`` from now on (fitted lazily on the same Hessian), keeping the frozen path's
+        encoded training set, the kNN index and the gradient store: one accurate and one fast solver can then
+        share a single training pass. A solver already fitted on this facade's Hessian is not fitted again."""
+        fitted_here = solver.hessian is not None and solver.hessian is self.__dict__.get("hessian")
+        self.solver, self._fitted = solver, fitted_here
+        return self
+
     def test_grads(self, test: Any) -> Tensor:
         """Per-example loss gradients [n_test, P] of the test examples."""
         return self._grads(self.prepare(test).data)

@@ -237,6 +237,13 @@ SOLVER = (
             str,
             ("ekfac", "kfac", "none"),
         ),
+        _Option(("--rank",), "solver.rank", "Arnoldi: eigenpairs of H kept", int),
+        _Option(
+            ("--complement",),
+            "solver.complement",
+            "Arnoldi: divide the rest of each vector by --damping instead of dropping it",
+            const=True,
+        ),
         _Option(
             ("--workers",),
             "solver.workers",

@@ -152,7 +152,8 @@ class SolverStageConfig:
     fixed mode's chains (``None`` = one per usable CPU core); the automatic mode runs in one process. CG / Arnoldi
     use full-data HVPs in batches of ``hessian_batch_size``. ``damping=None`` takes the recipe's damping.
     ``preconditioner`` (``"ekfac"``, ``"kfac"`` or ``"none"``; LiSSA and PCG only) is fitted at the solver's damping
-    and seed; unset, LiSSA runs without one and PCG with EK-FAC.
+    and seed; unset, LiSSA runs without one and PCG with EK-FAC. Arnoldi keeps ``rank`` eigenpairs; ``complement``
+    divides the rest of each vector by the damping instead of dropping it (:class:`~fastif.solvers.ArnoldiConfig`).
     """
 
     method: str = "lissa"
@@ -169,6 +170,7 @@ class SolverStageConfig:
     workers: int | None = None
     max_iterations: int = 100
     rank: int = 20
+    complement: bool = False
     hessian_batch_size: int = 32
     preconditioner: Literal["ekfac", "kfac", "none"] | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 import warnings
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..config import DEFAULT_DAMPING, check_choice, check_number
-from ..errors import SolverError
-from ..hvp import Hessian
+from ..errors import ConfigError, SolverError
+from ..hvp import Hessian, ResidualScope
 from .base import Solver, SolveResult, check_damping, check_seed, residual_info
 
 ArnoldiSelect = Literal["magnitude", "positive"]
@@ -24,6 +25,12 @@ class ArnoldiConfig:
 
     ``select="magnitude"`` keeps the largest-|λ| eigenpairs and refuses a non-positive ``λ + damping`` among them;
     ``select="positive"`` (captum's choice) keeps the largest positive ones and drops the rest.
+
+    ``complement=False`` (captum's and Schioppa et al.'s choice) drops the part of v outside the kept subspace;
+    ``complement=True`` keeps it, divided by ``damping``, i.e. treats H as 0 there: exact once H's rank is at most
+    ``rank``; on the NLI pooler + classifier (damping 0.5, rank 100) the reranked scores' Pearson with CG's is
+    1.0000 (benchmarks/results/retrieval). ``residual="sample"`` checks each solve on the Hessian's fixed sample
+    instead of the full H (one cheap HVP per solve instead of a full pass, for fast repeated queries).
     """
 
     damping: float = DEFAULT_DAMPING
@@ -31,10 +38,19 @@ class ArnoldiConfig:
     iterations: int | None = None
     seed: int = 0
     select: ArnoldiSelect = "magnitude"
+    complement: bool = False
+    residual: ResidualScope = "full"
 
     def __post_init__(self) -> None:
-        """Refuse a negative or non-finite damping, a rank or iteration count below 1, an unknown ``select``."""
+        """Refuse a negative or non-finite damping, a rank or iteration count below 1, an unknown ``select`` or
+        ``residual``, and ``complement`` without a positive damping (it divides by the damping)."""
         check_damping(self.damping)
+        if self.complement and not self.damping > 0:
+            raise ConfigError(
+                "solver.complement divides the rest of the space by the damping; set a damping > 0",
+                "solver.complement",
+            )
+        check_choice("solver.residual", self.residual, typing.get_args(ResidualScope))
         check_number("solver.rank", self.rank, integer=True, minimum=1)
         check_number("solver.iterations", self.iterations, integer=True, minimum=1, optional=True)
         check_seed(self.seed)
@@ -148,11 +164,15 @@ class Arnoldi(Solver, name="arnoldi"):
 
     def solve(self, vectors: Tensor) -> SolveResult:
         hessian = self._fitted()
-        coefficients = (vectors @ self.eigenvectors) / (self.eigenvalues + self.config.damping)
-        x = coefficients @ self.eigenvectors.T
+        damping = self.config.damping
+        coordinates = vectors @ self.eigenvectors
+        x = (coordinates / (self.eigenvalues + damping)) @ self.eigenvectors.T
+        if self.config.complement:
+            x = x + (vectors - coordinates @ self.eigenvectors.T) / damping
+        budget = math.inf if self.config.residual == "full" else 0
         info = {
             "eigenvalues": self.eigenvalues.tolist(),
             "eigenpairs_found": int(self.eigenvalues.numel()),
             "breakdown_restarts": self.restarts,
         }
-        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, self.config.damping)})
+        return SolveResult(x, {**info, **residual_info(hessian, x, vectors, damping, budget)})
