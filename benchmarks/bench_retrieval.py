@@ -150,6 +150,7 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
     projections = {
         "factored-16": ProjectionConfig(dim=2048, layer_dim=16),
         "factored-32": ProjectionConfig(dim=2048, layer_dim=32),
+        "factored-32x8": ProjectionConfig(dim=2048, layer_dim=32, terms=8),
     }
     hessian = None
     if pool <= 8000:  # the dense JL map over all 149k parameters costs minutes per 8,000 examples on one core
@@ -166,7 +167,7 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
         damping=NLI_DAMPING,
         frozen="on",
         projections=projections,
-        default_projection="factored-32",
+        default_projection="factored-32x8",
         hessian_data=hessian,
         build_options={"batch_size": 512, "chunk_size": 512},
         score=ScoreConfig(batch_size=512, chunk_size=512),

@@ -8,7 +8,7 @@ import torch
 
 from fastif.errors import DataError
 from fastif.projection import DenseProjection, ProjectionConfig
-from fastif.recall import estimate_recall
+from fastif.recall import _calibrate, estimate_recall
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,19 @@ def test_refuses_bad_inputs():
         estimate_recall(approx, np.array([9, 9, 8]), np.ones(3), 2)
     with pytest.raises(DataError, match="needs 3"):
         estimate_recall(approx, np.array([9, 8, 7]), np.ones(2), 2)
+
+
+def test_a_falling_candidate_fit_does_not_collapse_the_estimate():
+    """Candidates whose exact scores fall as the approximate ones rise (β < 0 free) fall back to slope 1, and the
+    estimate stays strictly between 0 and 1 instead of calling every non-candidate certain to win or lose."""
+    rng = np.random.default_rng(0)
+    approx = rng.standard_normal(2000)
+    candidates = np.argsort(-approx)[:40]
+    exact = 3.0 - 0.5 * (approx[candidates] - approx[candidates].mean()) + 0.05 * rng.standard_normal(40)
+    fitted, sigma = _calibrate(approx, candidates, exact, np.ones(2000))
+    slope = (fitted[1] - fitted[0]) / (approx[1] - approx[0])
+    assert slope == pytest.approx(1.0)
+    assert sigma > 0
+    result = estimate_recall(approx, candidates, exact, 10)
+    assert 0.0 <= result.lower <= result.estimate <= result.upper <= 1.0
+    assert result.lower < result.upper

@@ -6,8 +6,14 @@ Two kinds of block make up the map, both defined on the adapter's flat θ orderi
   gradient G = Σ_t g_t a_tᵀ (g_t the output gradient, a_t the input of token t) is projected to
   P_out G P_inᵀ = Σ_t (P_out g_t)(P_in a_t)ᵀ, i.e. (P_out ⊗ P_in) vec(G), from forward/backward hooks that capture
   a and g, so the per-example weight gradient is never formed. ``Conv1D`` stores its weight as [in, out], so its
-  block is P_in G P_outᵀ. Each side has ``min(layer_dim, width)`` rows; a side no narrower than ``layer_dim`` is
-  left unprojected (the identity is exact).
+  block is P_in G P_outᵀ. Each side has ``min(layer_dim, width)`` rows, a side no wider than that is left
+  unprojected (the identity is exact), and then the other side gets the rest of the layer's ``layer_dim²`` budget.
+  One Kronecker map is a weak JL map for low-rank gradients: its error has first-order terms like those of a
+  k-row sketch of one side (k = layer_dim), far above a dense sketch of its k² rows when gradients share
+  directions. ``terms = R`` sums R independent Kronecker maps, Σ_r (P_out^r ⊗ P_in^r) / √R: the output keeps its
+  size, those terms' variance falls by R and the map nears a dense one of k² rows, at R times the (small) cost of
+  the side projections. Where one side is the identity one term is used (a sum of independent one-sided maps is
+  just another one-sided map).
 * **Dense**, for every other selected parameter (biases, LayerNorm weights, embeddings, and everything when
   ``layer_dim = 0``): one JL matrix R [dim, P_dense], generated 4,096 columns at a time from a ``torch.Generator``
   seeded by (seed, parameter name, column block), so projecting costs O(B·dim + dim·4096) memory. If
@@ -53,12 +59,13 @@ class ProjectionConfig:
     dim: int = 2048  # rows of the dense JL matrix (for parameters not factored); >= their count = identity
     layer_dim: int = 0  # rows per side of each factored Linear/Conv1D weight (0 = no factoring: all dense)
     seed: int = 0
+    terms: int = 1  # independent Kronecker maps summed per factored weight (more = closer to a dense map)
 
     def __post_init__(self) -> None:
         """Refuse unknown kinds and non-positive sizes at construction time."""
         if self.kind not in typing.get_args(Kind):
             raise ConfigError(f"ProjectionConfig.kind must be one of {typing.get_args(Kind)}, got {self.kind!r}")
-        for name, low in (("dim", 1), ("layer_dim", 0), ("seed", 0)):
+        for name, low in (("dim", 1), ("layer_dim", 0), ("seed", 0), ("terms", 1)):
             check_number(f"candidates.gradients.projection.{name}", getattr(self, name), integer=True, minimum=low)
 
 
@@ -149,6 +156,7 @@ class FactoredBlock:
     k_rows: int
     k_cols: int
     offset: int  # start of the weight in the flat θ
+    terms: int  # Kronecker maps summed (1 where a side is the identity)
 
     @property
     def dim(self) -> int:
@@ -190,16 +198,10 @@ class Projector:
                 continue
             index = space.names.index(name)
             rows, cols = space.shapes[index]
+            k_rows, k_cols = _side_dims(rows, cols, self.config.layer_dim, identity)
+            terms = self.config.terms if k_rows < rows and k_cols < cols else 1
             blocks.append(
-                FactoredBlock(
-                    name,
-                    module_name,
-                    transposed,
-                    rows,
-                    cols,
-                    *_side_dims(rows, cols, self.config.layer_dim, identity),
-                    offsets[index],
-                )
+                FactoredBlock(name, module_name, transposed, rows, cols, k_rows, k_cols, offsets[index], terms)
             )
         return sorted(blocks, key=lambda block: block.offset)
 
@@ -210,24 +212,26 @@ class Projector:
             "dim": self.config.dim,
             "layer_dim": self.config.layer_dim,
             "seed": self.config.seed,
+            "terms": self.config.terms,
             "block_columns": BLOCK_COLUMNS,
             "out_dim": self.dim,
             "factored": [[b.name, b.k_rows, b.k_cols] for b in self.factored],
             "dense": [self.dense.names, self.dense.dim],
         }
 
-    def _side(self, block: FactoredBlock, side: str) -> Tensor | None:
-        """P_in [k_in, in] or P_out [k_out, out] of a factored weight; None where that side is the identity."""
-        key = (block.name, side)
+    def _side(self, block: FactoredBlock, side: str, term: int = 0) -> Tensor | None:
+        """P_in [k_in, in] or P_out [k_out, out] of one Kronecker term of a factored weight; None where that side is
+        the identity. Term 0 is the one-term map's matrix, so adding terms keeps it."""
+        key = (block.name, side) if term == 0 else (block.name, side, term)
         if key not in self._sides:
             width, k = (block.cols, block.k_cols) if (side == "in") != block.transposed else (block.rows, block.k_rows)
             identity = self.config.kind == "identity" or k >= width
             self._sides[key] = None if identity else random_matrix(self.config.kind, k, width, self.config.seed, key)
         return self._sides[key]
 
-    def _apply(self, block: FactoredBlock, side: str, values: Tensor) -> Tensor:
-        """``values [..., width] @ Pᵀ`` for one side (unchanged where it is the identity)."""
-        matrix = self._side(block, side)
+    def _apply(self, block: FactoredBlock, side: str, values: Tensor, term: int = 0) -> Tensor:
+        """``values [..., width] @ Pᵀ`` for one side of one term (unchanged where it is the identity)."""
+        matrix = self._side(block, side, term)
         return values if matrix is None else values @ matrix.to(values).T
 
     def project_flat(self, vectors: Tensor) -> Tensor:
@@ -243,9 +247,11 @@ class Projector:
                 -1, block.rows, block.cols
             )
             left, right = ("in", "out") if block.transposed else ("out", "in")
-            weight = self._apply(block, right, weight)  # [k, rows, k_cols]
-            weight = self._apply(block, left, weight.transpose(1, 2)).transpose(1, 2)  # [k, k_rows, k_cols]
-            parts.append(weight.reshape(vectors.shape[0], -1))
+            total = 0
+            for term in range(block.terms):
+                part = self._apply(block, right, weight, term)  # [k, rows, k_cols]
+                total = total + self._apply(block, left, part.transpose(1, 2), term).transpose(1, 2)
+            parts.append((total * block.terms**-0.5).reshape(vectors.shape[0], -1))
         if self.rest:
             numels = self.dense.numels
             pieces = [vectors[:, o : o + n] for o, n in zip(self.dense_offsets, numels, strict=True)]
@@ -298,10 +304,12 @@ class Projector:
         for (block, inputs, output), out_grad in zip(records, grads, strict=True):
             if out_grad is None:
                 continue
-            a = self._apply(block, "in", inputs.detach().reshape(size, -1, inputs.shape[-1]))
+            inputs = inputs.detach().reshape(size, -1, inputs.shape[-1])
             g = out_grad.reshape(size, -1, output.shape[-1])
-            left, right = (a, self._apply(block, "out", g)) if block.transposed else (self._apply(block, "out", g), a)
-            weights[block.name] += torch.einsum("btr,btc->brc", left, right)
+            for term in range(block.terms):
+                a, b = self._apply(block, "in", inputs, term), self._apply(block, "out", g, term)
+                left, right = (a, b) if block.transposed else (b, a)
+                weights[block.name] += torch.einsum("btr,btc->brc", left, right) * block.terms**-0.5
             bias = _bias_name(block.module)
             if bias in biases:
                 biases[bias] += g.sum(dim=1)
@@ -333,8 +341,16 @@ class Projector:
 
 
 def _side_dims(rows: int, cols: int, k: int, identity: bool) -> tuple[int, int]:
-    """Projected sizes of a factored weight's two sides: ``min(k, width)``, or the widths for the identity."""
-    return (rows, cols) if identity else (min(k, rows), min(k, cols))
+    """Projected sizes of a factored weight's two sides: ``min(k, width)`` each, except that a side narrower than
+    ``k`` (kept whole) leaves the other side the rest of the block's k² budget, ``min(width, k² // narrow)``; a
+    classifier head's 3 outputs would otherwise leave its inputs a k-row sketch, the block's weakest part."""
+    if identity:
+        return rows, cols
+    if rows < k <= cols:
+        return rows, min(cols, k * k // rows)
+    if cols < k <= rows:
+        return min(rows, k * k // cols), cols
+    return min(k, rows), min(k, cols)
 
 
 def _rows(batch: Batch, start: int, count: int) -> Batch:

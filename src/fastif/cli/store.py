@@ -22,6 +22,12 @@ STORE = (
             int,
         ),
         _Option(
+            ("--terms",),
+            "candidates.gradients.projection.terms",
+            "independent Kronecker maps summed per factored layer (more: closer to a dense projection)",
+            int,
+        ),
+        _Option(
             ("--projection",),
             "candidates.gradients.projection.kind",
             "random projection",
