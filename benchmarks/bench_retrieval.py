@@ -402,11 +402,9 @@ def run(setup: Setup, root: Path, argv: list[str], threads: int) -> dict[str, An
     for i in range(len(setup.test)):
         test = one(setup.test, i)
         points.append(query_point(inf, setup, stores, test, ks, sweep_k))
+        exact = np.asarray(points[-1].pop("exact"))
         if fast is not None:
-            exact = np.asarray(points[-1].pop("exact"))
             points[-1]["fast"] = fast_queries(inf, fast, stores[setup.default_projection], test, exact, ks)
-        else:
-            points[-1].pop("exact")
         print(
             f"test point {i}: scan {points[-1]['scan_seconds']:.2f} s, s_test {points[-1]['s_test_seconds']:.2f} s",
             flush=True,
