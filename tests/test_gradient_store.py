@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastif import AdapterConfig, TensorData, TorchAdapter
+from fastif.candidates import CandidateConfig
 from fastif.errors import ConfigError, DataError, FastIFError, StoreError
 from fastif.gradient_store import GradientStore, GradientStoreConfig, build_store
 from fastif.grads import per_example_grads
@@ -114,6 +115,22 @@ def test_full_dimension_search_returns_the_brute_force_top_k(tmp_path):
     np.testing.assert_array_equal(found.harmful, np.argsort(exact, axis=1)[:, :4])
     np.testing.assert_allclose(found.helpful_scores, np.sort(exact, axis=1)[:, ::-1][:, :4], rtol=1e-5)
     np.testing.assert_allclose(store.scores(s_test), exact, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(found.scores, store.scores(s_test))
+
+
+def test_flat_search_by_matmul_finds_the_points_faiss_finds(tmp_path):
+    """The Flat store's one-matmul extremes equal FAISS's exhaustive search (IVF visiting every cell)."""
+    adapter, data = problem()
+    build_store(adapter, data, tmp_path / "s", CONFIG)
+    flat = GradientStore.open(tmp_path / "s", adapter, data)
+    ivf = GradientStore.open(tmp_path / "s", adapter, data, index=CandidateConfig("ivf", "ip", nlist=2, nprobe=2))
+    s_test = torch.randn(4, adapter.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    by_matmul, by_faiss = flat.search(s_test, 6), ivf.search(s_test, 6)
+    np.testing.assert_array_equal(by_matmul.helpful, by_faiss.helpful)
+    np.testing.assert_array_equal(by_matmul.harmful, by_faiss.harmful)
+    np.testing.assert_array_equal(by_matmul.helpful_scores, by_faiss.helpful_scores)
+    with pytest.raises(DataError, match="1 <= k <= the 23 stored points"):
+        flat.search(s_test, 24)
 
 
 def test_preconditioning_solves_in_the_projected_space(tmp_path):

@@ -213,6 +213,10 @@ def test_dynamic_padding(tokenizer):
         assert batch["attention_mask"].sum(1).tolist() == [data.lengths[i] for i in indices]
         assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
         assert batch["labels"].tolist() == [records[i].label for i in indices]
+        for row, i in enumerate(indices):
+            alone = tokenizer(records[i].text, records[i].text_pair, truncation=True, max_length=32)
+            for key in ("input_ids", "token_type_ids"):
+                assert batch[key][row, : data.lengths[i]].tolist() == alone[key]
     first = data.batch([0])["input_ids"][0].tolist()
     assert first[0] == tokenizer.cls_token_id and first.count(tokenizer.sep_token_id) == 2
     assert data.texts(0) == f"{records[0].text} ||| {records[0].text_pair}"

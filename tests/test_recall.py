@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastif.errors import DataError
 from fastif.projection import DenseProjection, ProjectionConfig
-from fastif.recall import _calibrate, estimate_recall
+from fastif.recall import _calibrate, _recall_per_draw, estimate_recall
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,18 @@ def test_a_falling_candidate_fit_does_not_collapse_the_estimate():
     result = estimate_recall(approx, candidates, exact, 10)
     assert 0.0 <= result.lower <= result.estimate <= result.upper <= 1.0
     assert result.lower < result.upper
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_sparse_draw_counting_equals_the_dense_pooled_top_k(k, seed):
+    """Counting only the scores that beat τ gives the per-draw recall of ranking every pooled score (a loop)."""
+    rng = np.random.default_rng(seed)
+    draws, m = 9, int(rng.integers(0, 12))
+    top = np.sort(rng.normal(size=k))[::-1]
+    simulated = rng.normal(size=(draws, m)).round(1)  # rounding makes ties
+    ranked = [sorted([(-v, 0) for v in row] + [(-t, 1) for t in top])[:k] for row in simulated]  # ties: simulated first
+    dense = np.array([1.0 - sum(is_candidate == 0 for _, is_candidate in best) / k for best in ranked])
+    draw, point = np.nonzero(simulated >= top[-1])
+    sparse = _recall_per_draw(top, [(draw, simulated[draw, point])], k, draws)
+    np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-12)

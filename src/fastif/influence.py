@@ -429,7 +429,6 @@ class Influence:
             result = self._solve(prepared.data, group)
         with _timed(timings, "candidates"):
             found = store.search(result.x, per_side)
-            approximate = store.scores(result.x)
         rows, recall = [], []
         for i in range(result.x.shape[0]):
             helpful, harmful = found.helpful[i], found.harmful[i]
@@ -440,7 +439,7 @@ class Influence:
             recall.append(
                 {
                     side: estimate_recall(
-                        approximate[i], ids, values.double().numpy(), recall_k, scale=store.norms, largest=largest
+                        found.scores[i], ids, values.double().numpy(), recall_k, scale=store.norms, largest=largest
                     )
                     for side, (ids, values, largest) in sides.items()
                 }

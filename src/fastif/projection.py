@@ -234,6 +234,14 @@ class Projector:
         matrix = self._side(block, side, term)
         return values if matrix is None else values @ matrix.to(values).T
 
+    def _stacked(self, block: FactoredBlock, side: str, values: Tensor) -> Tensor:
+        """``values [B, t, width]`` through one side of every term at once: [B, t, terms, k], so the terms' sum
+        is one einsum (a side is the identity only in one-term blocks, which pass through as [B, t, 1, width])."""
+        matrices = [self._side(block, side, term) for term in range(block.terms)]
+        if matrices[0] is None:
+            return values.unsqueeze(2)
+        return (values @ torch.cat(matrices).to(values).T).unflatten(-1, (block.terms, -1))
+
     def project_flat(self, vectors: Tensor) -> Tensor:
         """Project flat vectors [k, P] in the adapter's θ ordering (e.g. s_test) to [k, dim]."""
         if vectors.dim() != 2 or vectors.shape[1] != self.adapter.num_params:
@@ -306,10 +314,9 @@ class Projector:
                 continue
             inputs = inputs.detach().reshape(size, -1, inputs.shape[-1])
             g = out_grad.reshape(size, -1, output.shape[-1])
-            for term in range(block.terms):
-                a, b = self._apply(block, "in", inputs, term), self._apply(block, "out", g, term)
-                left, right = (a, b) if block.transposed else (b, a)
-                weights[block.name] += torch.einsum("btr,btc->brc", left, right) * block.terms**-0.5
+            a, b = self._stacked(block, "in", inputs), self._stacked(block, "out", g)
+            left, right = (a, b) if block.transposed else (b, a)
+            weights[block.name] += torch.einsum("btsr,btsc->brc", left, right) * block.terms**-0.5
             bias = _bias_name(block.module)
             if bias in biases:
                 biases[bias] += g.sum(dim=1)

@@ -93,18 +93,43 @@ def _calibrate(approx: np.ndarray, index: np.ndarray, exact: np.ndarray, scale: 
     return fitted, float(np.sqrt(np.sum(residual * residual) / (index.size - 2)))
 
 
-def _simulated_recall(
-    top: np.ndarray, approx: np.ndarray, scale: np.ndarray, sigma: float, k: int, draws: int, seed: int
-) -> np.ndarray:
-    """Recall per draw: the share of the exact top-k of (candidates' top-k ∪ simulated non-candidates) that are
-    candidates."""
-    if approx.size == 0:
-        return np.ones(draws)
+POINT_CHUNK = 8192
+"""Non-candidates simulated at a time (bounds the uniforms held in memory to draws × POINT_CHUNK)."""
+
+
+def _simulated_recalls(
+    top: np.ndarray, fitted: np.ndarray, scale: np.ndarray, sigmas: list[float], k: int, draws: int, seed: int
+) -> list[np.ndarray]:
+    """Recall per draw at each σ in ``sigmas``: the share of the exact top-k of (candidates' top-k ∪ simulated
+    non-candidates) that are candidates.
+
+    Non-candidate j's simulated exact score is fitted_j + σ·s_j·Φ̄⁻¹(u_j) with u_j uniform (inverse transform, the
+    same uniforms at every σ), so it beats τ = top[-1] iff u_j < Φ̄((τ − fitted_j)/(σ s_j)). Only those few are
+    turned into scores: a query costs one uniform per kept non-candidate and draw, not a normal and a partition.
+    """
     rng = np.random.default_rng(seed)
-    simulated = approx + sigma * scale * rng.standard_normal((draws, approx.size))
-    pooled = np.concatenate([np.broadcast_to(top, (draws, k)), simulated], axis=1)
-    kth = -np.partition(-pooled, k - 1, axis=1)[:, k - 1 : k]
-    return 1.0 - np.minimum((simulated >= kth).sum(axis=1), k) / k
+    hits: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sigmas]
+    for start in range(0, fitted.size, POINT_CHUNK):
+        a, s = fitted[start : start + POINT_CHUNK], scale[start : start + POINT_CHUNK]
+        uniforms = rng.random((draws, a.size))
+        for found, sigma in zip(hits, sigmas, strict=True):
+            spread = np.maximum(sigma * s, 1e-300)
+            draw, point = np.nonzero(uniforms < norm.sf((top[-1] - a) / spread))
+            found.append((draw, a[point] + spread[point] * norm.isf(uniforms[draw, point])))
+    return [_recall_per_draw(top, found, k, draws) for found in hits]
+
+
+def _recall_per_draw(top: np.ndarray, found: list[tuple[np.ndarray, np.ndarray]], k: int, draws: int) -> np.ndarray:
+    """1 − (simulated scores in each draw's pooled top-k) / k: the r-th best simulated score of a draw (from 0) is
+    in the top-k iff r < k and it is at least the (k − r)-th best candidate score ``top[k − 1 − r]``."""
+    draw = np.concatenate([d for d, _ in found]) if found else np.zeros(0, dtype=np.int64)
+    value = np.concatenate([v for _, v in found]) if found else np.zeros(0)
+    order = np.lexsort((-value, draw))
+    draw, value = draw[order], value[order]
+    rank = np.arange(draw.size) - np.searchsorted(draw, draw)
+    inside = rank < k
+    inside[inside] = value[inside] >= top[k - 1 - rank[inside]]
+    return 1.0 - np.bincount(draw[inside], minlength=draws) / k
 
 
 def estimate_recall(
@@ -137,15 +162,17 @@ def estimate_recall(
     sigma_hi = sigma * np.sqrt(dof / chi2.ppf(tail, dof))
     sigma_lo = sigma * np.sqrt(dof / chi2.ppf(1.0 - tail, dof))
     top = np.sort(exact)[::-1][:k]
-    others = np.setdiff1d(np.arange(n), index)
+    others = np.ones(n, dtype=bool)
+    others[index] = False
     a, s = fitted[others], scale[others]
     gap = (top[-1] - a) / s
     keep = norm.sf(gap / max(sigma_hi, 1e-300)) > NEGLIGIBLE
     a, s, gap = a[keep], s[keep], gap[keep]
     beat = norm.sf(gap / max(sigma, 1e-300))
-    estimate = float(_simulated_recall(top, a, s, sigma, k, draws, seed).mean())
-    lower = float(np.quantile(_simulated_recall(top, a, s, sigma_hi, k, draws, seed + 1), tail))
-    upper = float(np.quantile(_simulated_recall(top, a, s, sigma_lo, k, draws, seed + 2), 1.0 - tail))
+    at_sigma, at_high, at_low = _simulated_recalls(top, a, s, [sigma, sigma_hi, sigma_lo], k, draws, seed)
+    estimate = float(at_sigma.mean())
+    lower = float(np.quantile(at_high, tail))
+    upper = float(np.quantile(at_low, 1.0 - tail))
     suggested = index.size + _extra_candidates(beat, (1.0 - threshold) * k)
     warning = None
     if estimate < threshold:

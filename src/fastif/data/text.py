@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,6 +106,15 @@ def records_from_rows(
     return records
 
 
+def _padded(rows: list[list[int]], lengths: np.ndarray, pad: int) -> np.ndarray:
+    """Token rows as one right-padded int32 array [n, longest], so a batch is a slice, not a Python loop."""
+    array = np.full((len(rows), int(lengths.max(initial=0))), pad, dtype=np.int32)
+    array[np.arange(array.shape[1]) < lengths[:, None]] = np.fromiter(
+        (token for row in rows for token in row), dtype=np.int32, count=int(lengths.sum())
+    )
+    return array
+
+
 def records_fingerprint(records: Sequence[TextRecord]) -> str:
     """SHA-256 over the ids, texts and labels of ``records``, in order (identifies a training set)."""
     digest = hashlib.sha256()
@@ -166,6 +176,10 @@ class TextPairData:
         self.label_names = label_names
         self.lengths = [len(ids) for ids in input_ids]
         self.labels = torch.tensor([record.label for record in records], dtype=torch.long)
+        self._lengths = np.asarray(self.lengths, dtype=np.int64)
+        self._padded_ids = _padded(input_ids, self._lengths, pad_token_id)
+        self._padded_types = None if token_type_ids is None else _padded(token_type_ids, self._lengths, 0)
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -175,27 +189,26 @@ class TextPairData:
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         """Collate examples ``indices`` into right-padded long tensors (width = longest example in the batch)."""
-        index = self._check(indices)
-        width = max((self.lengths[i] for i in index), default=0)
-        input_ids = torch.full((len(index), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(index), width), dtype=torch.long)
-        for row, i in enumerate(index):
-            input_ids[row, : self.lengths[i]] = torch.tensor(self._input_ids[i], dtype=torch.long)
-            attention_mask[row, : self.lengths[i]] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self._token_type_ids is not None:
-            token_type_ids = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):
-                token_type_ids[row, : self.lengths[i]] = torch.tensor(self._token_type_ids[i], dtype=torch.long)
-            batch["token_type_ids"] = token_type_ids
-        batch["labels"] = self.labels[index]
+        index = np.asarray(self._check(indices), dtype=np.int64)
+        lengths = self._lengths[index]
+        width = int(lengths.max(initial=0))
+        batch = {
+            "input_ids": torch.from_numpy(self._padded_ids[index, :width].astype(np.int64)),
+            "attention_mask": torch.from_numpy((np.arange(width) < lengths[:, None]).astype(np.int64)),
+        }
+        if self._padded_types is not None:
+            batch["token_type_ids"] = torch.from_numpy(self._padded_types[index, :width].astype(np.int64))
+        batch["labels"] = self.labels[torch.from_numpy(index)]
         return batch
 
     def fingerprint(self) -> str:
-        """SHA-256 of the records and their token ids: identifies a tokenised set (e.g. for a saved kNN index)."""
-        digest = hashlib.sha256(records_fingerprint(self.records).encode())
-        digest.update(json.dumps([self.max_length, self._input_ids, self._token_type_ids]).encode())
-        return digest.hexdigest()
+        """SHA-256 of the records and their token ids: identifies a tokenised set (e.g. for a saved kNN index).
+        Computed once: the set does not change after tokenisation, and stores check it on every build and open."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(records_fingerprint(self.records).encode())
+            digest.update(json.dumps([self.max_length, self._input_ids, self._token_type_ids]).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def texts(self, i: int) -> str:
         """Example ``i`` as readable text: ``"text ||| text_pair"`` (or just the text of a single-text set)."""

@@ -326,19 +326,23 @@ class ActivationData:
         offsets, sizes = [self.offsets[i] for i in index], [self.sizes[i] for i in index]
         return ActivationData(base, self.states, offsets, sizes, self.first_token_only)
 
-    def _state(self, i: int) -> Tensor:
-        rows = self.states[self.offsets[i] : self.offsets[i] + self.sizes[i]]
-        return torch.from_numpy(np.array(rows)) if isinstance(self.states, np.ndarray) else rows
-
     def batch(self, indices: Sequence[int]) -> Batch:
         """The base batch of ``indices`` plus their activations, zero-padded to the base batch's width."""
         base = self.base.batch(indices)
-        states = [self._state(int(i)) for i in indices]
+        index = [int(i) for i in indices]
+        sizes = np.asarray([self.sizes[i] for i in index], dtype=np.int64)
         mask = base.get("attention_mask") if isinstance(base, dict) else None
-        width = max(s.shape[0] for s in states) if mask is None or self.first_token_only else mask.shape[-1]
-        hidden = torch.zeros(len(states), width, *states[0].shape[1:], dtype=states[0].dtype)
-        for row, state in enumerate(states):
-            hidden[row, : min(width, state.shape[0])] = state[:width]
+        width = int(sizes.max()) if mask is None or self.first_token_only else int(mask.shape[-1])
+        kept = np.minimum(sizes, width)
+        rows = np.repeat(np.arange(len(index)), kept)
+        positions = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+        sources = np.repeat([self.offsets[i] for i in index], kept) + positions
+        if isinstance(self.states, np.ndarray):
+            gathered = torch.from_numpy(np.asarray(self.states[sources]))
+        else:
+            gathered = self.states[torch.from_numpy(sources)]
+        hidden = torch.zeros(len(index), width, *gathered.shape[1:], dtype=gathered.dtype)
+        hidden[torch.from_numpy(rows), torch.from_numpy(positions)] = gathered
         return {"batch": base, "hidden": hidden}
 
 
