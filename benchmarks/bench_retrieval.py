@@ -61,6 +61,7 @@ TOP = 10  # recall@10 of the exact top-10
 FRACTIONS = (0.005, 0.01, 0.025, 0.05)
 LISSA_BATCH, LISSA_DEPTH = 128, 1000  # FastIF's "original" s_test
 HANS_LABEL = "neutral"  # HANS's non-entailment, folded into the 3-class model's label space
+TOP2_HESSIAN, TOP2_DAMPING = 256, 3.0  # set-up (b): Hessian sample and damping (H is indefinite over two layers)
 
 
 @dataclass
@@ -124,17 +125,19 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
         f"HANS non-entailment labelled {HANS_LABEL!r}",
     ]
     if top_layers:
-        hessian = train.subset(list(range(0, pool, pool // 512))[:512])
-        notes.append(
-            "Hessian over a 512-pair evenly spaced subsample of the pool (hessian_data): full-pool HVPs over "
-            "two layers do not fit the time box on 2 cores"
-        )
+        hessian = train.subset(list(range(0, pool, pool // TOP2_HESSIAN))[:TOP2_HESSIAN])
+        notes += [
+            f"Hessian over a {TOP2_HESSIAN}-pair evenly spaced subsample of the pool (hessian_data): full-pool HVPs "
+            "over two layers do not fit the time box on 2 cores",
+            f"damping {TOP2_DAMPING}: over the top 2 layers H is indefinite (docs/numbers.md: λ <= -1.82 on 128 "
+            "pairs), so H + λI needs λ above that; CG refuses any non-positive curvature it meets",
+        ]
         return Setup(
             f"b-top2-{pool}",
             adapter,
             train,
             test,
-            damping=0.01,
+            damping=TOP2_DAMPING,
             frozen="on",
             projections={
                 "factored-16": ProjectionConfig(dim=2048, layer_dim=16),
@@ -144,6 +147,8 @@ def nli_setup(key: str, pool: int, tests: int) -> Setup:
             hessian_data=hessian,
             build_options={"batch_size": 32, "chunk_size": 32},
             score=ScoreConfig(batch_size=32, chunk_size=32),
+            cg_tolerance=1e-4,
+            cg_iterations=50,
             lissa_steps=5,
             notes=notes,
         )
@@ -320,6 +325,7 @@ def gradient_row(cs: CandidateScores, exact: np.ndarray, store: GradientStore) -
         "pearson_rerank_vs_exact": pearson(cs.scores[0].numpy(), exact[indices]),
         "pearson_projected_vs_exact_candidates": pearson(approximate[indices], exact[indices]),
         "pearson_projected_vs_exact_all": pearson(approximate, exact),
+        "stages": dict(cs.timings),
     }
 
 
@@ -468,6 +474,7 @@ def retrieval_summary(rows: list[dict]) -> dict[str, Any]:
         "pearson_projected_vs_exact_all": mean([r["pearson_projected_vs_exact_all"] for r in rows]),
         "pearson_projected_vs_exact_candidates": mean([r["pearson_projected_vs_exact_candidates"] for r in rows]),
         "retrieval_seconds": mean([r["seconds"] for r in rows]),
+        "stage_seconds": {stage: mean([r["stages"][stage] for r in rows]) for stage in rows[0].get("stages", {})},
     }
 
 
@@ -614,17 +621,25 @@ def _fast_table(result: dict[str, Any]) -> list[str]:
         f"{result['summary']['default']}, rerank with that s_test; recall and Pearson against CG's exact scores",
         "",
         "| K | K/N | helpful | harmful | est. helpful | est. harmful | |gap| | cover | Pearson vs exact (min) "
-        "| query s | speed-up vs LiSSA original | vs same-solver original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| query s | of which prepare / s_test / retrieval / rerank / recall | speed-up vs LiSSA original "
+        "| vs same-solver original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, g in sorted(fast["rows"].items(), key=lambda item: int(item[0])):
         lines.append(
             f"| {k} | {int(k) / n:.2%} | {g['helpful']:.2f} | {g['harmful']:.2f} | {g['estimate']['helpful']:.2f} "
             f"| {g['estimate']['harmful']:.2f} | {g['mean_abs_gap']:.3f} | {g['interval_coverage']:.2f} "
-            f"| {g['min_pearson_rerank_vs_exact']:.4f} | {g['retrieval_seconds']:.3f} "
+            f"| {g['min_pearson_rerank_vs_exact']:.4f} | {g['retrieval_seconds']:.3f} | {_stages(g)} "
             f"| {g['speedup_vs_original_lissa']:.0f}x | {g['speedup_vs_original_same_solver']:.1f}x |"
         )
     return [*lines, ""]
+
+
+def _stages(row: dict[str, Any]) -> str:
+    """The query's stage times (``Influence.candidate_scores`` timings), or "not recorded" in older results."""
+    stages = row.get("stage_seconds") or {}
+    names = ("prepare", "s_test", "candidates", "scores", "recall")
+    return " / ".join(f"{stages[name]:.3f}" for name in names) if all(n in stages for n in names) else "not recorded"
 
 
 def table(results: list[dict[str, Any]]) -> str:

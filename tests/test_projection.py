@@ -186,7 +186,8 @@ def test_factored_equals_dense_on_a_tiny_gpt2():
     projector = _check_factored_equals_dense(adapter, batch, ProjectionConfig(dim=64, layer_dim=8, seed=2))
     assert all(block.transposed for block in projector.factored if block.name.startswith("gpt2"))
     assert {"gpt2.h.1.attn.c_attn.bias", "head.bias"} <= set(projector.hooked_biases)
-    assert any("ln_1" in adapter.space.names[i] for i in projector.vmapped)
+    assert {"gpt2.h.1.ln_1", "gpt2.h.1.ln_2"} <= {norm.module for norm in projector.norms}  # hooked, not vmapped
+    assert not any("ln_" in adapter.space.names[i] for i in projector.vmapped)
 
 
 def test_factored_equals_dense_on_a_tiny_bert_with_padding(bert_adapter):

@@ -12,7 +12,7 @@ naming the path that runs; an error the fallback hits too is the model's own and
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -49,22 +49,32 @@ def _fall_back(adapter: ModelAdapter, transform: str, error: Exception, path: st
     )
 
 
-def _looped_grads(adapter: ModelAdapter, flat: Tensor, batch: Batch) -> Tensor:
+ExampleLoss = Callable[[Tensor, Batch], Tensor]
+"""(parameters, one example without its batch dimension) -> scalar loss."""
+
+
+def _looped_grads(loss: ExampleLoss, params: Tensor, batch: Batch) -> Tensor:
     """Per-example gradients one example at a time: the path for models that vmap cannot batch (RNNs)."""
-    loss_grad = grad(_single_example_loss(adapter))
-    return torch.stack([loss_grad(flat, map_tensors(lambda t, i=i: t[i], batch)) for i in range(batch_len(batch))])
+    loss_grad = grad(loss)
+    return torch.stack([loss_grad(params, map_tensors(lambda t, i=i: t[i], batch)) for i in range(batch_len(batch))])
+
+
+def example_grads(adapter: ModelAdapter, loss: ExampleLoss, params: Tensor, chunk: Batch) -> Tensor:
+    """Per-example gradients [B, len(params)] of ``loss`` over one chunk: vmap of grad, or the loop where vmap
+    fails on this model (recorded on the adapter, so later chunks loop at once)."""
+    if "vmap" in adapter.unsupported:
+        return _looped_grads(loss, params, chunk)
+    try:
+        return vmap(grad(loss), in_dims=(None, 0))(params, chunk)
+    except TRANSFORM_ERRORS as error:
+        looped = _looped_grads(loss, params, chunk)  # raises the model's own error if it is not vmap's
+        _fall_back(adapter, "vmap", error, "per-example gradients run as a loop over examples (same numbers, slower)")
+        return looped
 
 
 def _chunk_grads(adapter: ModelAdapter, flat: Tensor, chunk: Batch) -> Tensor:
-    """Per-example gradients of one chunk: vmap of grad, or the loop where vmap fails on this model."""
-    if "vmap" in adapter.unsupported:
-        return _looped_grads(adapter, flat, chunk)
-    try:
-        return vmap(grad(_single_example_loss(adapter)), in_dims=(None, 0))(flat, chunk)
-    except TRANSFORM_ERRORS as error:
-        looped = _looped_grads(adapter, flat, chunk)  # raises the model's own error if it is not vmap's
-        _fall_back(adapter, "vmap", error, "per-example gradients run as a loop over examples (same numbers, slower)")
-        return looped
+    """Per-example gradients of one chunk over every selected parameter."""
+    return example_grads(adapter, _single_example_loss(adapter), flat, chunk)
 
 
 def per_example_grads(adapter: ModelAdapter, flat: Tensor, batch: Batch, chunk_size: int = 32) -> Tensor:

@@ -371,7 +371,8 @@ class Influence:
         if method != "all" and train_indices is not None:
             raise DataError("give either train_indices (scores them all) or num_candidates, not both")
         timings: dict[str, float] = {}
-        prepared = self.prepare(test)
+        with _timed(timings, "prepare"):
+            prepared = self.prepare(test)
         if method == "all":
             return self._score_all(prepared, group, train_indices, timings)
         if num_candidates is None:
@@ -436,14 +437,15 @@ class Influence:
                 exact = self.score_s_test(result.x[i : i + 1], [*helpful.tolist(), *harmful.tolist()])[0]
             rows.append((torch.as_tensor(np.concatenate([helpful, harmful])), exact))
             sides = {"helpful": (helpful, exact[:per_side], True), "harmful": (harmful, exact[per_side:], False)}
-            recall.append(
-                {
-                    side: estimate_recall(
-                        found.scores[i], ids, values.double().numpy(), recall_k, scale=store.norms, largest=largest
-                    )
-                    for side, (ids, values, largest) in sides.items()
-                }
-            )
+            with _timed(timings, "recall"):
+                recall.append(
+                    {
+                        side: estimate_recall(
+                            found.scores[i], ids, values.double().numpy(), recall_k, scale=store.norms, largest=largest
+                        )
+                        for side, (ids, values, largest) in sides.items()
+                    }
+                )
         indices = torch.stack([row[0] for row in rows]).long()
         scores = torch.stack([row[1] for row in rows])
         return CandidateScores(indices, scores, result, "gradients", recall, timings)

@@ -17,7 +17,9 @@ Two kinds of block make up the map, both defined on the adapter's flat θ orderi
 * **Dense**, for every other selected parameter (biases, LayerNorm weights, embeddings, and everything when
   ``layer_dim = 0``): one JL matrix R [dim, P_dense], generated 4,096 columns at a time from a ``torch.Generator``
   seeded by (seed, parameter name, column block), so projecting costs O(B·dim + dim·4096) memory. If
-  ``dim >= P_dense`` the dense part is the identity.
+  ``dim >= P_dense`` the dense part is the identity. Their per-example gradients come from the same hooks where
+  they can: a factored module's bias (Σ_t g_t) and an affine ``nn.LayerNorm``'s weight and bias (Σ_t g_t ⊙ x̂_t,
+  Σ_t g_t); the rest from vmap of grad over those parameters only (a loop of grad where vmap fails, e.g. RNNs).
 
 Entries are N(0, 1/k) ("gaussian") or ±1/√k ("rademacher") for a k-row matrix, so E‖Rx‖² = ‖x‖² and
 E⟨Rx, Ry⟩ = ⟨x, y⟩; ``kind="identity"`` makes every block the identity (the projected gradient is the gradient).
@@ -38,11 +40,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from .config import check_number
 from .data import Batch, batch_len, map_tensors
 from .errors import ConfigError, DataError
+from .grads import example_grads
 from .model.adapter import ModelAdapter
 
 Kind = Literal["gaussian", "rademacher", "identity"]
@@ -178,6 +180,8 @@ class Projector:
         self.dim = sum(block.dim for block in self.factored) + (self.dense.dim if self.rest else 0)
         hooked = {_bias_name(block.module) for block in self.factored} & set(names)
         self.hooked_biases = sorted(hooked, key=adapter.space.names.index)
+        self.norms = _hooked_norms(adapter.model, set(names))
+        hooked |= {name for norm in self.norms for name in (norm.weight, norm.bias) if name}
         self.vmapped = [i for i in self.rest if adapter.space.names[i] not in hooked]
         self._sides: dict[tuple[str, str], Tensor | None] = {}
         self._modules = dict(adapter.model.named_modules())
@@ -271,26 +275,26 @@ class Projector:
         adapter = self.adapter
         batch = adapter.to_device(batch)
         adapter.check_batch(batch)
-        parts, biases = [], {}
-        if self.factored:
-            parts, biases = self._hooked(flat, batch)
+        parts, hooked = [], {}
+        if self.factored or self.norms:
+            parts, hooked = self._hooked(flat, batch)
         if self.rest:
-            parts.append(self.dense.project({**biases, **self._vmapped(flat, batch, chunk_size)}))
+            parts.append(self.dense.project({**hooked, **self._vmapped(flat, batch, chunk_size)}))
         return torch.cat(parts, dim=1)
 
     @contextmanager
-    def _recording(self) -> Iterator[list[tuple[FactoredBlock, Tensor, Tensor]]]:
-        """Forward hooks on the factored modules that record (block, input, output) for every call."""
-        records: list[tuple[FactoredBlock, Tensor, Tensor]] = []
+    def _recording(self) -> Iterator[list[tuple[FactoredBlock | HookedNorm, Tensor, Tensor]]]:
+        """Forward hooks on the factored and the hooked norm modules that record (what, input, output) per call."""
+        records: list[tuple[FactoredBlock | HookedNorm, Tensor, Tensor]] = []
         handles = []
-        for block in self.factored:
+        for what in [*self.factored, *self.norms]:
 
             def hook(
-                _module: nn.Module, args: tuple[Tensor, ...], output: Tensor, block: FactoredBlock = block
+                _module: nn.Module, args: tuple[Tensor, ...], output: Tensor, what: FactoredBlock | HookedNorm = what
             ) -> None:
-                records.append((block, args[0], output))
+                records.append((what, args[0], output))
 
-            handles.append(self._modules[block.module].register_forward_hook(hook))
+            handles.append(self._modules[what.module].register_forward_hook(hook))
         try:
             yield records
         finally:
@@ -299,7 +303,7 @@ class Projector:
 
     def _hooked(self, flat: Tensor, batch: Batch) -> tuple[list[Tensor], dict[str, Tensor]]:
         """One forward/backward pass: projected weight gradients [B, k_rows·k_cols] per factored block, and the
-        per-example gradients [B, out] of the selected biases of those modules (Σ_t g_t)."""
+        per-example gradients of the selected biases of those modules (Σ_t g_t) and of the hooked LayerNorms."""
         size = batch_len(batch)
         theta = flat.detach().requires_grad_(True)
         with torch.enable_grad(), self._recording() as records:
@@ -308,9 +312,13 @@ class Projector:
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         weights = {b.name: flat.new_zeros(size, b.k_rows, b.k_cols) for b in self.factored}
         space = self.adapter.space
-        biases = {name: flat.new_zeros(size, space.numels[space.names.index(name)]) for name in self.hooked_biases}
+        names = [*self.hooked_biases, *(name for norm in self.norms for name in (norm.weight, norm.bias) if name)]
+        biases = {name: flat.new_zeros(size, space.numels[space.names.index(name)]) for name in names}
         for (block, inputs, output), out_grad in zip(records, grads, strict=True):
             if out_grad is None:
+                continue
+            if isinstance(block, HookedNorm):
+                self._add_norm_grads(block, inputs.detach(), out_grad, biases)
                 continue
             inputs = inputs.detach().reshape(size, -1, inputs.shape[-1])
             g = out_grad.reshape(size, -1, output.shape[-1])
@@ -322,8 +330,22 @@ class Projector:
                 biases[bias] += g.sum(dim=1)
         return [weights[b.name].reshape(size, -1) for b in self.factored], biases
 
+    def _add_norm_grads(self, norm: HookedNorm, inputs: Tensor, out_grad: Tensor, grads: dict[str, Tensor]) -> None:
+        """Add one LayerNorm call's per-example gradients: Σ_t g_t ⊙ x̂_t for its weight, Σ_t g_t for its bias
+        (x̂ = the normalised input, recomputed with the module's own shape and eps)."""
+        module = self._modules[norm.module]
+        shape = tuple(module.normalized_shape)
+        size = inputs.shape[0]
+        g = out_grad.reshape(size, -1, *shape)
+        if norm.weight:
+            normalised = nn.functional.layer_norm(inputs, shape, eps=module.eps).reshape(g.shape)
+            grads[norm.weight] += (g * normalised).sum(dim=1).reshape(size, -1)
+        if norm.bias:
+            grads[norm.bias] += g.sum(dim=1).reshape(size, -1)
+
     def _vmapped(self, flat: Tensor, batch: Batch, chunk_size: int) -> dict[str, Tensor]:
-        """Per-example gradients of the dense parameters not served by hooks (vmap of grad), the others held fixed."""
+        """Per-example gradients of the dense parameters not served by hooks (vmap of grad, or the loop where vmap
+        fails on this model), the others held fixed."""
         indices = self.vmapped
         if not indices:
             return {}
@@ -339,10 +361,10 @@ class Projector:
             return adapter.per_example_loss(torch.cat(full), one).squeeze(0)
 
         part = torch.cat([pieces[i] for i in indices])
-        grad_fn = vmap(grad(loss), in_dims=(None, 0))
         size = batch_len(batch)
         with torch.no_grad():
-            rows = [grad_fn(part, _rows(batch, start, chunk_size)) for start in range(0, size, chunk_size)]
+            chunks = [_rows(batch, start, chunk_size) for start in range(0, size, chunk_size)]
+            rows = [example_grads(adapter, loss, part, chunk) for chunk in chunks]
         columns = torch.split(torch.cat(rows), numels, dim=1)
         return {space.names[i]: column for i, column in zip(indices, columns, strict=True)}
 
@@ -358,6 +380,28 @@ def _side_dims(rows: int, cols: int, k: int, identity: bool) -> tuple[int, int]:
     if cols < k <= rows:
         return min(rows, k * k // cols), cols
     return min(k, rows), min(k, cols)
+
+
+@dataclass(frozen=True)
+class HookedNorm:
+    """An affine ``nn.LayerNorm`` whose selected weight / bias get per-example gradients from hooks, not vmap."""
+
+    module: str
+    weight: str | None  # the weight's parameter name, None where it is not selected
+    bias: str | None
+
+
+def _hooked_norms(model: nn.Module, selected: set[str]) -> list[HookedNorm]:
+    """The model's affine LayerNorms with a selected weight or bias (names taken from ``selected``)."""
+    norms = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.LayerNorm) or not module.elementwise_affine:
+            continue
+        prefix = f"{name}." if name else ""
+        weight, bias = (f"{prefix}{p}" if f"{prefix}{p}" in selected else None for p in ("weight", "bias"))
+        if weight or bias:
+            norms.append(HookedNorm(name, weight, bias))
+    return norms
 
 
 def _rows(batch: Batch, start: int, count: int) -> Batch:

@@ -16,8 +16,10 @@ on the candidates, where both scores are known:
   test's synthetic case made that model's estimate 0.1-0.16 too low. σ's confidence interval comes from the χ² law
   with K - 2 degrees of freedom (the uncertainty of α and β is not propagated).
 * **Misses.** Non-candidate j beats τ with probability Φ̄((τ − α − β a_j)/(σ s_j)). A seeded Monte Carlo draws the
-  exact scores of every non-candidate with a non-negligible probability, recomputes the exact top-k of candidates
-  plus draws, and counts how many of its members are non-candidates: recall = 1 − misses/k. ``estimate`` is its
+  exact scores of every non-candidate with a non-negligible probability (by inverse transform, so only the draws
+  that beat τ become scores; profiled on an MNLI query at N = 40,000: 27 ms for both sides instead of 128 ms),
+  recomputes the exact top-k of candidates plus draws, and counts how many of its members are non-candidates:
+  recall = 1 − misses/k. ``estimate`` is its
   mean at σ; ``lower`` / ``upper`` are the (1 ∓ confidence)/2 quantiles at σ's upper / lower confidence limit, a
   prediction interval for the realised recall that also covers the calibration's uncertainty.
 * **Warning.** When the estimate is below ``threshold`` the result says so and suggests the K at which the
