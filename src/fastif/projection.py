@@ -181,8 +181,9 @@ class Projector:
         hooked = {_bias_name(block.module) for block in self.factored} & set(names)
         self.hooked_biases = sorted(hooked, key=adapter.space.names.index)
         self.norms = _hooked_norms(adapter.model, set(names))
-        hooked |= {name for norm in self.norms for name in (norm.weight, norm.bias) if name}
-        self.vmapped = [i for i in self.rest if adapter.space.names[i] not in hooked]
+        norm_names = [name for norm in self.norms for name in (norm.weight, norm.bias) if name]
+        self._hooked_dense = [*self.hooked_biases, *norm_names]  # dense parameters whose gradients the hooks give
+        self.vmapped = [i for i in self.rest if adapter.space.names[i] not in {*hooked, *norm_names}]
         self._sides: dict[tuple[str, str], Tensor | None] = {}
         self._modules = dict(adapter.model.named_modules())
 
@@ -312,13 +313,12 @@ class Projector:
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         weights = {b.name: flat.new_zeros(size, b.k_rows, b.k_cols) for b in self.factored}
         space = self.adapter.space
-        names = [*self.hooked_biases, *(name for norm in self.norms for name in (norm.weight, norm.bias) if name)]
-        biases = {name: flat.new_zeros(size, space.numels[space.names.index(name)]) for name in names}
+        dense = {name: flat.new_zeros(size, space.numels[space.names.index(name)]) for name in self._hooked_dense}
         for (block, inputs, output), out_grad in zip(records, grads, strict=True):
             if out_grad is None:
                 continue
             if isinstance(block, HookedNorm):
-                self._add_norm_grads(block, inputs.detach(), out_grad, biases)
+                self._add_norm_grads(block, inputs.detach(), out_grad, dense)
                 continue
             inputs = inputs.detach().reshape(size, -1, inputs.shape[-1])
             g = out_grad.reshape(size, -1, output.shape[-1])
@@ -326,9 +326,9 @@ class Projector:
             left, right = (a, b) if block.transposed else (b, a)
             weights[block.name] += torch.einsum("btsr,btsc->brc", left, right) * block.terms**-0.5
             bias = _bias_name(block.module)
-            if bias in biases:
-                biases[bias] += g.sum(dim=1)
-        return [weights[b.name].reshape(size, -1) for b in self.factored], biases
+            if bias in dense:
+                dense[bias] += g.sum(dim=1)
+        return [weights[b.name].reshape(size, -1) for b in self.factored], dense
 
     def _add_norm_grads(self, norm: HookedNorm, inputs: Tensor, out_grad: Tensor, grads: dict[str, Tensor]) -> None:
         """Add one LayerNorm call's per-example gradients: Σ_t g_t ⊙ x̂_t for its weight, Σ_t g_t for its bias

@@ -17,11 +17,10 @@ on the candidates, where both scores are known:
   with K - 2 degrees of freedom (the uncertainty of α and β is not propagated).
 * **Misses.** Non-candidate j beats τ with probability Φ̄((τ − α − β a_j)/(σ s_j)). A seeded Monte Carlo draws the
   exact scores of every non-candidate with a non-negligible probability (by inverse transform, so only the draws
-  that beat τ become scores; profiled on an MNLI query at N = 40,000: 27 ms for both sides instead of 128 ms),
-  recomputes the exact top-k of candidates plus draws, and counts how many of its members are non-candidates:
-  recall = 1 − misses/k. ``estimate`` is its
-  mean at σ; ``lower`` / ``upper`` are the (1 ∓ confidence)/2 quantiles at σ's upper / lower confidence limit, a
-  prediction interval for the realised recall that also covers the calibration's uncertainty.
+  that beat τ become scores), recomputes the exact top-k of candidates plus draws, and counts how many of its
+  members are non-candidates: recall = 1 − misses/k. ``estimate`` is its mean at σ; ``lower`` / ``upper`` are the
+  (1 ∓ confidence)/2 quantiles at σ's upper / lower confidence limit, a prediction interval for the realised
+  recall that also covers the calibration's uncertainty.
 * **Warning.** When the estimate is below ``threshold`` the result says so and suggests the K at which the
   expected misses fall to (1 − threshold)·k (taking the most likely missing points into the candidates first).
 
